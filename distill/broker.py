@@ -48,6 +48,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens there. SO_REUSEADDR: a restart may reuse a TIME_WAIT port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
 class EmbeddedBroker:
     """Start with ``with EmbeddedBroker() as broker: broker.bootstrap``; stops on exit."""
 
@@ -72,6 +83,13 @@ class EmbeddedBroker:
         return f"{self.host}:{self.advertised_port}"
 
     def start(self, timeout_s: float = 20.0) -> EmbeddedBroker:
+        # tansu exits when it cannot bind, but the metadata check would then be answered by
+        # whatever already listens there and report a broker that is not ours as ready.
+        if port_in_use(self.host, self.port):
+            raise BrokerError(
+                f"port {self.port} on {self.host} is already in use (another broker?); "
+                "stop it or choose another port (0 picks a free one)"
+            )
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_file, "ab")
         cmd = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,9 @@ def broker(
     """Run the embedded Kafka-protocol broker (memory only) until Ctrl-C."""
     from distill.broker import EmbeddedBroker
 
+    # SIGTERM (kill, a process manager) stops like Ctrl-C, so the broker process is stopped too
+    # rather than left running in its own session.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with EmbeddedBroker(host=host, port=port, log_file=log_file) as b:
             typer.echo(f"embedded broker ready at {b.bootstrap} (logs: {log_file}); Ctrl-C stops it")
@@ -73,6 +77,50 @@ def check_config(config: ConfigOpt = None) -> None:
     except DistillError as exc:
         _fail(exc)
     typer.echo(cfg.model_dump_json(indent=2, exclude={"kafka": {"sasl_password", "ssl_key_password"}}))
+
+
+def _configure(role: str, name: str) -> None:
+    from distill.service import configure_logging
+
+    configure_logging(role, name)
+
+
+@app.command()
+def teacher(config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
+            device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (teacher.device).")] = None,
+            metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz (teacher.metrics_port).")] = None) -> None:
+    """Run the teacher: predict, publish labels, train, checkpoint; until SIGTERM."""
+    over: dict = {"teacher": {}}
+    if device:
+        over["teacher"]["device"] = device
+    if metrics_port is not None:
+        over["teacher"]["metrics_port"] = metrics_port
+    try:
+        cfg = _load(config, bootstrap, **over)
+        _configure("teacher", cfg.teacher.name)
+        from teacher_worker.worker import run_teacher
+
+        run_teacher(cfg)
+    except DistillError as exc:
+        _fail(exc)
+
+
+@app.command()
+def student(name: Annotated[str, typer.Option("--name", "-n", help="Which configured student to run.")],
+            config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
+            metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz.")] = None) -> None:
+    """Run one student: join examples with labels, distil, checkpoint, export; until SIGTERM."""
+    try:
+        cfg = _load(config, bootstrap)
+        sc = cfg.student(name)
+        if metrics_port is not None:
+            sc.metrics_port = metrics_port
+        _configure("student", name)
+        from student_worker.worker import run_student
+
+        run_student(cfg, name)
+    except DistillError as exc:
+        _fail(exc)
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """The one configuration of a deployment: a TOML or YAML file plus ``DISTILL_`` overrides.
 
 Environment variables override the file with ``__`` between levels, for example
-``DISTILL_KAFKA__BOOTSTRAP_SERVERS=host:9092`` or ``DISTILL_TEACHER__DEVICE=cuda``. Values are
-parsed as JSON when they parse (numbers, lists, objects), as plain strings otherwise.
+``DISTILL_KAFKA__BOOTSTRAP_SERVERS=host:9092`` or ``DISTILL_TEACHER__DEVICE=cuda``. Lists and
+objects are parsed as JSON, ``null`` is None, any other value is a string converted to the
+field's type (so ``DISTILL_TOPICS__PARTITIONS=8`` is a number, a password of digits a string).
 Everything is validated at start-up; an error names the field and the allowed values.
 """
 
@@ -102,7 +103,7 @@ class ModelConfig(_Strict):
     hidden: list[int] = Field(default_factory=lambda: [256, 128])
     cross_layers: int = Field(default=1, ge=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=5e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     seed: int = 0
 
@@ -115,15 +116,24 @@ class ModelConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    dir: Path = Path("runs/checkpoints")
     every_batches: int = Field(default=200, ge=1)
     every_seconds: float = Field(default=30.0, gt=0)
     keep: int = Field(default=3, ge=1)
 
 
+# A role's model defaults; a partial [teacher.model] or students[i].model is merged over them
+# (not over ModelConfig's), so setting `hidden` alone keeps the role's embedding_dim.
+_TEACHER_MODEL = {"hidden": [512, 256, 128], "embedding_dim": 32, "cross_layers": 2}
+_STUDENT_MODEL = {"hidden": [64], "embedding_dim": 8, "cross_layers": 0}
+
+
+def _over(defaults: dict[str, Any], value: Any) -> Any:
+    return {**defaults, **value} if isinstance(value, dict) else value
+
+
 class TeacherConfig(_Strict):
     name: str = "teacher"
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden=[512, 256, 128], embedding_dim=32, cross_layers=2))
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(**_TEACHER_MODEL))
     device: Device = "auto"
     group_id: str = "teacher"
     # Several example batches share one forward pass and one transaction.
@@ -132,12 +142,18 @@ class TeacherConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics_port: int = Field(default=0, ge=0, le=65535)
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _teacher_model_defaults(cls, v: Any) -> Any:
+        return _over(_TEACHER_MODEL, v)
+
 
 class StudentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden=[64], embedding_dim=8, cross_layers=0))
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(**_STUDENT_MODEL))
     mode: DistillMode = "aux"
-    soft_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    # aux: weight of the auxiliary head's loss; direct: share of the soft target (at most 1).
+    soft_weight: float = Field(default=0.5, ge=0.0)
     temperature: float = Field(default=1.0, gt=0)
     distill_tasks: list[str] | None = None  # None: every task
     label_wait_s: float = Field(default=2.0, ge=0)
@@ -145,12 +161,22 @@ class StudentConfig(_Strict):
     device: Device = "auto"
     poll_timeout_s: float = Field(default=0.1, gt=0)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    model_dir: Path = Path("runs/models")
     metrics_port: int = Field(default=0, ge=0, le=65535)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _student_model_defaults(cls, v: Any) -> Any:
+        return _over(_STUDENT_MODEL, v)
 
     @property
     def group_id(self) -> str:
         return f"student.{self.name}"
+
+    @model_validator(mode="after")
+    def _weight_fits_mode(self) -> StudentConfig:
+        if self.mode == "direct" and self.soft_weight > 1:
+            raise ValueError(f"soft_weight must be at most 1 in direct mode (got {self.soft_weight})")
+        return self
 
 
 class ProducerConfig(_Strict):
@@ -168,8 +194,8 @@ class ProducerConfig(_Strict):
 
 class SyntheticConfig(_Strict):
     seed: int = 7
-    num_users: int = Field(default=5000, ge=1)
-    num_items: int = Field(default=2000, ge=1)
+    num_users: int = Field(default=1000, ge=1)
+    num_items: int = Field(default=500, ge=1)
     latent_dim: int = Field(default=8, ge=1)
     dense_dim: int = Field(default=8, ge=0)
     new_items_every: int = Field(default=20_000, ge=1)
@@ -198,6 +224,8 @@ class BrokerConfig(_Strict):
 
 
 class Config(_Strict):
+    # Checkpoints, exported models and progress files live under here (a volume in k8s).
+    state_dir: Path = Path("runs")
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     topics: TopicsConfig = Field(default_factory=TopicsConfig)
     tasks: list[TaskConfig] = Field(default_factory=lambda: [TaskConfig(name="click"), TaskConfig(name="watch", type="regression")])
@@ -243,12 +271,26 @@ class Config(_Strict):
     def task_types(self) -> dict[str, TaskType]:
         return {t.name: t.type for t in self.tasks}
 
+    def checkpoint_dir(self, role: str, name: str) -> Path:
+        return self.state_dir / "checkpoints" / role / name
+
+    def progress_dir(self) -> Path:
+        return self.state_dir / "progress"
+
+    def model_dir(self, student: str) -> Path:
+        return self.state_dir / "models" / student
+
 
 def _parse_env_value(raw: str) -> Any:
+    # Lists and objects are JSON; scalars stay strings that pydantic converts to the field's
+    # type ("8" -> 8 for an int), so a string field keeps "12345" or "1.50" exactly.
+    if raw == "null":
+        return None
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError:
         return raw
+    return value if isinstance(value, (list, dict)) else raw
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

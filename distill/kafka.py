@@ -204,3 +204,21 @@ def lag(consumer: Consumer, partitions: list[TopicPartition]) -> dict[tuple[str,
         position = tp.offset if tp.offset >= 0 else high
         out[(tp.topic, tp.partition)] = max(0, high - position)
     return out
+
+
+def partitions_at(topic: str, offsets: dict[int, int]) -> list[TopicPartition]:
+    return [TopicPartition(topic, p, o) for p, o in sorted(offsets.items())]
+
+
+def is_retriable(exc: KafkaException) -> bool:
+    err = exc.args[0] if exc.args else None
+    return bool(getattr(err, "retriable", lambda: False)())
+
+
+def needs_abort(exc: KafkaException) -> bool:
+    err = exc.args[0] if exc.args else None
+    return bool(getattr(err, "txn_requires_abort", lambda: False)())
+
+
+def broker_down(err: KafkaError) -> bool:
+    return err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._TIMED_OUT)

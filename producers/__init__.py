@@ -1,0 +1,9 @@
+"""Producers: turn a source of events into ExampleBatch messages on the examples topic.
+
+Sources (``synthetic``, ``movielens``, ``file``) yield column chunks in stream order;
+``producers.service`` micro-batches them, picks partitions, rate-limits and delivers them.
+"""
+
+from producers.sources import SOURCES, Chunk, Source, load_config_for, make_source, preset_overrides
+
+__all__ = ["SOURCES", "Chunk", "Source", "load_config_for", "make_source", "preset_overrides"]

@@ -1,0 +1,120 @@
+"""Per-partition merge of the ordered example and label streams by batch id.
+
+Pure logic, no Kafka: the worker feeds it decoded batches and takes back what is ready to
+train, in example-offset order. Outcomes:
+  joined    the label arrived (before or after its examples) within ``label_wait_s``;
+  missing   no label within ``label_wait_s``, or the buffer bound was hit: hard labels only;
+  late      a label for a batch already trained without one: dropped;
+  duplicate a second label for the same batch (a teacher replay after a crash): dropped.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+from distill.wire import ExampleBatch, LabelBatch
+
+_RECENT = 4096  # trained batch ids remembered per partition, to tell late from duplicate
+
+
+@dataclass
+class PendingExamples:
+    batch: ExampleBatch
+    offset: int
+    arrived: float
+
+
+@dataclass
+class BufferedLabel:
+    label: LabelBatch
+    offset: int
+    arrived: float
+    message: Any = None  # the raw message, for the DLQ if the label does not match its batch
+
+
+@dataclass
+class Ready:
+    examples: PendingExamples
+    label: BufferedLabel | None
+
+    @property
+    def outcome(self) -> str:
+        return "joined" if self.label is not None else "missing"
+
+
+class PartitionJoin:
+    def __init__(self, partition: int, next_offset: int, label_wait_s: float, max_pending: int):
+        self.partition = partition
+        self.next_offset = next_offset  # next example offset to train
+        self.label_wait_s = label_wait_s
+        self.max_pending = max_pending
+        self.examples: deque[PendingExamples] = deque()
+        self.labels: dict[str, BufferedLabel] = {}
+        self.recent: OrderedDict[str, bool] = OrderedDict()  # batch id -> trained with a label
+        self._skipped_to = next_offset  # past dead-lettered example batches
+
+    def skip(self, offset: int) -> None:
+        """An example batch at ``offset`` went to the DLQ: nothing to train, but move past it."""
+        self._skipped_to = max(self._skipped_to, offset + 1)
+        if not self.examples:
+            self.next_offset = max(self.next_offset, self._skipped_to)
+
+    def add_examples(self, batch: ExampleBatch, offset: int, now: float) -> bool:
+        """False when the batch was already trained (a replay below the resume offset)."""
+        if offset < self.next_offset or (self.examples and offset <= self.examples[-1].offset):
+            return False
+        self.examples.append(PendingExamples(batch, offset, now))
+        return True
+
+    def add_label(self, label: LabelBatch, offset: int, now: float, message: Any = None) -> str | None:
+        """Buffer a label; returns 'late' or 'duplicate' when it is dropped instead."""
+        if label.batch_id in self.recent:
+            return "duplicate" if self.recent[label.batch_id] else "late"
+        if label.batch_id in self.labels:
+            return "duplicate"
+        if label.source_offset < self.next_offset:
+            return "late"
+        self.labels[label.batch_id] = BufferedLabel(label, offset, now, message)
+        return None
+
+    def pop_ready(self, now: float) -> list[Ready]:
+        ready: list[Ready] = []
+        while self.examples:
+            head = self.examples[0]
+            label = self.labels.pop(head.batch.batch_id, None)
+            overfull = len(self.examples) > 2 * self.max_pending
+            if label is None and not overfull and now - head.arrived < self.label_wait_s:
+                break
+            self.examples.popleft()
+            ready.append(Ready(head, label))
+            self._trained(head, label is not None)
+        if not self.examples:
+            self.next_offset = max(self.next_offset, self._skipped_to)
+        return ready
+
+    def drain(self) -> list[Ready]:
+        """Everything pending, labelled or not (used before handing a partition back)."""
+        return self.pop_ready(float("inf"))
+
+    def _trained(self, head: PendingExamples, joined: bool) -> None:
+        self.next_offset = head.offset + 1
+        self.recent[head.batch.batch_id] = joined
+        if len(self.recent) > _RECENT:
+            self.recent.popitem(last=False)
+        # labels for batches before the new position can never join now
+        for batch_id in [b for b, bl in self.labels.items() if bl.label.source_offset < self.next_offset]:
+            del self.labels[batch_id]
+
+    def label_resume_offset(self, position: int) -> int:
+        """Where to re-read labels after a restart: the oldest label still buffered."""
+        return min((bl.offset for bl in self.labels.values()), default=position)
+
+    @property
+    def examples_full(self) -> bool:
+        return len(self.examples) >= self.max_pending
+
+    @property
+    def labels_full(self) -> bool:
+        return len(self.labels) >= self.max_pending

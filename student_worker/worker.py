@@ -1,0 +1,400 @@
+"""The student's hot path: join examples with labels -> score -> train -> checkpoint -> commit.
+
+One consumer reads both topics (range assignment keeps partition p of both together). Per
+partition a ``PartitionJoin`` merges the streams by batch id. Each ready batch is scored before
+it is trained on (progressive validation), for the serving head, the aux head and the teacher.
+
+Commit order (exactly-once training): train -> checkpoint (model, optimizer, per-partition
+next offsets of both topics, counts; temp file, fsync, rename) -> commit those offsets to
+Kafka. On start and on assignment the checkpoint's offsets win over the group's, so a SIGKILL
+anywhere replays exactly what the last durable checkpoint had not yet trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from distill import metrics as m
+from distill.checkpoint import Checkpointer
+from distill.config import Config
+from distill.dead_letters import DeadLetters
+from distill.evaluation import ProgressiveEvaluator
+from distill.exceptions import DecodeError
+from distill.export import export_serving_model
+from distill.kafka import Clients, broker_down, check_partitions, lag, partitions_at
+from distill.losses import student_loss
+from distill.models import RankingModel, autocast, batch_tensors, resolve_device, weights_finite
+from distill.progress import ProgressLog
+from distill.service import Service
+from distill.wire import Codec, ids_checksum
+from student_worker.join import PartitionJoin, Ready
+from teacher_worker.worker import check_layout
+
+log = logging.getLogger(__name__)
+
+
+class StudentWorker:
+    role = "student"
+
+    def __init__(self, config: Config, name: str, service: Service | None = None):
+        self.config = config
+        self.sc = sc = config.student(name)
+        self.name = name
+        self.service = service or Service(self.role, name, port=sc.metrics_port)
+        self.device = resolve_device(sc.device)
+        self.kinds = [t.type for t in config.tasks]
+        self.task_names = [t.name for t in config.tasks]
+        distilled = sc.distill_tasks if sc.distill_tasks is not None else self.task_names
+        self.distilled = [self.task_names.index(t) for t in distilled]
+        torch.manual_seed(sc.model.seed)
+        aux = [self.task_names[i] for i in self.distilled] if sc.mode == "aux" else None
+        self.model = RankingModel(config.features, config.tasks, sc.model, aux_tasks=aux).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=sc.model.learning_rate, weight_decay=sc.model.weight_decay)
+        self.codec = Codec(config.wire.non_finite)
+        self.clients = Clients(config.kafka, f"student.{name}")
+        self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, name), sc.checkpoint.keep)
+        self.progress = ProgressLog(config.progress_dir(), self.role, name)
+        self.evaluator = ProgressiveEvaluator(self.task_names, self.kinds)
+        self.version = 0
+        self.joins: dict[int, PartitionJoin] = {}
+        self.offsets: dict[int, dict[str, int]] = {}  # checkpointed: examples/labels_resume/labels_seen
+        self.label_position: dict[int, int] = {}  # next label offset read, per partition
+        self.counts = {"examples_trained": 0, "batches_trained": 0, "joined": 0, "missing": 0, "late": 0, "duplicate": 0}
+        self.trained_batch_ids: deque[str] = deque(maxlen=100_000)  # for tests and audits (checkpointed)
+        self.batches_since_ckpt = 0
+        self.last_ckpt = time.monotonic()
+        self.recent_outcomes: deque[bool] = deque(maxlen=200)
+        self.paused: set[tuple[str, int]] = set()
+        self.busy_s = 0.0
+        self._throughput = m.Throughput()
+        self._restore()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _restore(self) -> None:
+        found = self.checkpointer.load_latest()
+        if found is None:
+            log.info("no checkpoint: starting a fresh student")
+            return
+        version, state = found
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = state["version"]
+        self.offsets = {int(p): dict(o) for p, o in state["offsets"].items()}
+        self.counts.update(state["counts"])
+        self.trained_batch_ids.extend(state.get("trained_batch_ids", []))
+        self.evaluator.load_state_dict(state.get("evaluator", {}))
+        log.info("restored checkpoint", extra={"version": version, "offsets": self.offsets})
+
+    def _current_offsets(self) -> dict[int, dict[str, int]]:
+        offsets = {p: dict(o) for p, o in self.offsets.items()}
+        for p, join in self.joins.items():
+            seen = self.label_position.get(p, offsets.get(p, {}).get("labels_seen", 0))
+            offsets[p] = {
+                # pending (untrained) examples are replayed after a restart
+                "examples": join.examples[0].offset if join.examples else join.next_offset,
+                "labels_resume": join.label_resume_offset(seen),
+                "labels_seen": seen,
+            }
+        return offsets
+
+    def checkpoint(self) -> bool:
+        """Write a durable checkpoint, export the serving model, then commit. False on failure."""
+        if not weights_finite(self.model):
+            log.error("weights are not finite: checkpoint skipped (the last good one stays)")
+            m.STUDENT_NAN.labels(self.name).inc()
+            return False
+        started = time.perf_counter()
+        offsets = self._current_offsets()
+        version = self.version + 1
+        try:
+            self.checkpointer.save(version, {
+                "version": version,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "offsets": offsets,
+                "counts": dict(self.counts),
+                "trained_batch_ids": list(self.trained_batch_ids),
+                "evaluator": self.evaluator.state_dict(),
+            })
+            export_serving_model(self.model, self.config.features, self.config.tasks, self.sc.model,
+                                 self.config.model_dir(self.name), version)
+        except OSError as exc:
+            # Nothing is committed past the last durable checkpoint; retried at the next one.
+            m.STUDENT_CKPT_FAILURES.labels(self.name).inc()
+            log.error("checkpoint failed; offsets stay at the last durable checkpoint", extra={"error": str(exc)})
+            self.last_ckpt = time.monotonic()
+            return False
+        self.version = version
+        self.offsets = offsets
+        self.batches_since_ckpt = 0
+        self.last_ckpt = time.monotonic()
+        m.STUDENT_CKPT_AGE.labels(self.name).set(time.time())
+        m.STUDENT_CKPT_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        m.STUDENT_EXPORT_VERSION.labels(self.name).set(version)
+        self._commit(offsets)
+        return True
+
+    def _commit(self, offsets: dict[int, dict[str, int]]) -> None:
+        topics = self.config.topics
+        owned = {p: o for p, o in offsets.items() if p in self.joins}
+        if not owned:
+            return
+        tps = partitions_at(topics.examples, {p: o["examples"] for p, o in owned.items()})
+        tps += partitions_at(topics.labels, {p: o["labels_resume"] for p, o in owned.items()})
+        try:
+            self.consumer.commit(offsets=tps, asynchronous=False)
+        except Exception as exc:  # the checkpoint is the truth; the group offsets only follow it
+            log.warning("offset commit failed (the checkpoint still holds them)", extra={"error": str(exc)})
+
+    def _checkpoint_due(self) -> bool:
+        cc = self.sc.checkpoint
+        return self.batches_since_ckpt > 0 and (
+            self.batches_since_ckpt >= cc.every_batches or time.monotonic() - self.last_ckpt >= cc.every_seconds)
+
+    # -- Kafka ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        admin = self.clients.admin()
+        from distill.kafka import wait_for_broker
+
+        wait_for_broker(admin)
+        check_partitions(self.config, admin)
+        self.producer = self.clients.producer()
+        self.dead_letters = DeadLetters(self.producer, self.codec, self.role, self.name)
+        # range assignment: partition p of the examples and of the labels topic go together
+        self.consumer = self.clients.consumer(self.sc.group_id, **{"partition.assignment.strategy": "range"})
+        t = self.config.topics
+        self.consumer.subscribe([t.examples, t.labels], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+
+    def _on_assign(self, consumer, partitions) -> None:
+        topics = self.config.topics
+        for tp in partitions:
+            saved = self.offsets.get(tp.partition)
+            if saved is not None:  # the checkpoint's offsets win
+                tp.offset = saved["examples"] if tp.topic == topics.examples else saved["labels_resume"]
+            if tp.topic == topics.examples and tp.partition not in self.joins:
+                start = saved["examples"] if saved else 0
+                self.joins[tp.partition] = PartitionJoin(tp.partition, start, self.sc.label_wait_s, self.sc.max_pending_batches)
+        consumer.assign(partitions)
+        log.info("partitions assigned", extra={"partitions": sorted(self.joins)})
+        self.service.set_ready(bool(self.joins), "assigned")
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        # Hand pending batches back: checkpoint and commit at the first untrained offset, then
+        # drop the partitions' state. Whoever gets them next replays them with their labels.
+        revoked = {tp.partition for tp in partitions if tp.topic == self.config.topics.examples}
+        if revoked and self.batches_since_ckpt:
+            self.checkpoint()
+        self._drop(revoked)
+
+    def _on_lost(self, consumer, partitions) -> None:
+        self._drop({tp.partition for tp in partitions if tp.topic == self.config.topics.examples})
+
+    def _drop(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self.joins.pop(p, None)
+            self.label_position.pop(p, None)
+            self.paused = {(t, q) for t, q in self.paused if q != p}
+        self.service.set_ready(bool(self.joins), "assigned" if self.joins else "no partitions assigned")
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def step(self) -> bool:
+        msgs = self.consumer.consume(num_messages=64, timeout=self.sc.poll_timeout_s)
+        now = time.monotonic()
+        topics = self.config.topics
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if broker_down(err):
+                    self.service.set_ready(False, f"broker: {err.str()}")
+                log.warning("consume error", extra={"error": err.str()})
+                continue
+            p = msg.partition()
+            join = self.joins.get(p)
+            if join is None:
+                continue  # revoked meanwhile
+            if msg.topic() == topics.examples:
+                self._on_examples(msg, join, now)
+            else:
+                self._on_label(msg, join, now)
+        if msgs:
+            self.service.set_ready(bool(self.joins), "assigned")
+        started = time.perf_counter()
+        trained = 0
+        for join in self.joins.values():
+            trained += self._train_ready(join.pop_ready(now))
+        if trained:
+            elapsed = time.perf_counter() - started
+            self.busy_s += elapsed
+            m.STUDENT_THROUGHPUT.labels(self.name).set(self._throughput.update(trained, elapsed))
+        self._backpressure()
+        if self._checkpoint_due():
+            self.checkpoint()
+        if self.progress.due():
+            self.progress.write(self.snapshot())
+            self._export_gauges()
+        return True
+
+    def _on_examples(self, msg, join: PartitionJoin, now: float) -> None:
+        try:
+            batch = self.codec.decode_examples(msg.value(), msg.headers())
+            check_layout(batch, self.config)
+        except DecodeError as exc:
+            self.dead_letters.send(msg, exc)
+            join.skip(msg.offset())
+            return
+        join.add_examples(batch, msg.offset(), now)
+
+    def _on_label(self, msg, join: PartitionJoin, now: float) -> None:
+        p = msg.partition()
+        replay = msg.offset() < self.offsets.get(p, {}).get("labels_seen", -1)
+        self.label_position[p] = msg.offset() + 1
+        try:
+            label = self.codec.decode_labels(msg.value(), msg.headers())
+        except DecodeError as exc:
+            self.dead_letters.send(msg, exc)
+            return
+        outcome = join.add_label(label, msg.offset(), now, message=msg)
+        if outcome is not None and not replay:  # a replay after restart was counted before
+            self.counts[outcome] += 1
+            m.STUDENT_JOIN.labels(self.name, outcome).inc()
+
+    def _train_ready(self, ready: list[Ready]) -> int:
+        """Train on ready batches: one step for those with labels, one for those without."""
+        if not ready:
+            return 0
+        with_label, without = [], []
+        for r in ready:
+            if r.label is not None and not self._label_matches(r):
+                r.label = None
+            (with_label if r.label is not None else without).append(r)
+        n = 0
+        for group, has_label in ((with_label, True), (without, False)):
+            if group:
+                n += self._train_group(group, has_label)
+        return n
+
+    def _label_matches(self, r: Ready) -> bool:
+        label, batch = r.label.label, r.examples.batch
+        if label.size == batch.size and label.example_ids_checksum == ids_checksum(batch.example_ids):
+            return True
+        if r.label.message is not None:
+            self.dead_letters.send(r.label.message, DecodeError(
+                "id_mismatch", f"label batch {label.batch_id} does not match its example batch "
+                f"({label.size} vs {batch.size} examples or another id checksum)"))
+        return False
+
+    def _train_group(self, group: list[Ready], has_label: bool) -> int:
+        batches = [r.examples.batch for r in group]
+        cat, dense, labels = batch_tensors(batches, self.device)
+        teacher_np = np.concatenate([r.label.label.logits for r in group]) if has_label else None
+        teacher = torch.from_numpy(teacher_np).to(self.device) if has_label else None
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device):
+            main, aux = self.model(cat, dense)
+        # Progressive validation: these outputs come from the weights before this step.
+        labels_np = labels.cpu().numpy()
+        self.evaluator.update("main", main.detach().float().cpu().numpy(), labels_np)
+        if aux is not None:
+            self.evaluator.update("aux", aux.detach().float().cpu().numpy(), labels_np, self.distilled)
+        if teacher_np is not None:
+            self.evaluator.update("teacher", teacher_np, labels_np)
+        loss, parts = student_loss(self.sc.mode, main, aux, labels, teacher, self.kinds, self.distilled,
+                                   self.sc.soft_weight, self.sc.temperature)
+        if torch.isfinite(loss):
+            loss.backward()
+            self.optimizer.step()
+            for key, value in parts.items():
+                i, head = key.split(".")
+                m.STUDENT_LOSS.labels(self.name, self.task_names[int(i)], head).set(value.item())
+        else:
+            m.STUDENT_NAN.labels(self.name).inc()
+            log.warning("non-finite loss: training step skipped")
+        outcome = "joined" if has_label else "missing"
+        n = int(labels.shape[0])
+        for r in group:
+            self.trained_batch_ids.append(r.examples.batch.batch_id)
+            self.recent_outcomes.append(has_label)
+            if has_label:
+                delay = max(0.0, r.label.arrived - r.examples.arrived)
+                m.STUDENT_LABEL_DELAY.labels(self.name).observe(delay)
+        self.counts[outcome] += len(group)
+        self.counts["examples_trained"] += n
+        self.counts["batches_trained"] += len(group)
+        self.batches_since_ckpt += len(group)
+        m.STUDENT_JOIN.labels(self.name, outcome).inc(len(group))
+        m.STUDENT_EXAMPLES.labels(self.name).inc(n)
+        m.STUDENT_BATCHES.labels(self.name).inc(len(group))
+        m.STUDENT_COVERAGE.labels(self.name).set(sum(self.recent_outcomes) / len(self.recent_outcomes))
+        return n
+
+    def _backpressure(self) -> None:
+        """Pause a topic's partition whose side of the join is full; resume when it drains."""
+        topics = self.config.topics
+        for p, join in self.joins.items():
+            for topic, full, empty_enough in (
+                (topics.examples, join.examples_full, len(join.examples) < join.max_pending // 2),
+                (topics.labels, join.labels_full, len(join.labels) < join.max_pending // 2),
+            ):
+                key = (topic, p)
+                if full and key not in self.paused:
+                    self.consumer.pause(partitions_at(topic, {p: 0}))
+                    self.paused.add(key)
+                elif key in self.paused and empty_enough:
+                    self.consumer.resume(partitions_at(topic, {p: 0}))
+                    self.paused.discard(key)
+        m.STUDENT_PENDING.labels(self.name).set(sum(len(j.examples) for j in self.joins.values()))
+        for topic in (topics.examples, topics.labels):
+            m.STUDENT_PAUSED.labels(self.name, topic).set(sum(1 for t, _ in self.paused if t == topic))
+
+    def _export_gauges(self) -> None:
+        try:
+            for (topic, p), n in lag(self.consumer, self.consumer.assignment()).items():
+                m.CONSUMER_LAG.labels(self.role, self.name, topic, str(p)).set(n)
+        except Exception as exc:  # informative only
+            log.debug("lag unavailable: %s", exc)
+
+    def snapshot(self) -> dict:
+        snap = self.evaluator.snapshot()
+        for task, heads in snap.items():
+            for head, windows in heads.items():
+                for window, values in windows.items():
+                    for metric, value in values.items():
+                        m.STUDENT_METRIC.labels(self.name, task, head, metric, window).set(value)
+        return {
+            "role": self.role, "name": self.name, "mode": self.sc.mode, "version": self.version,
+            "params": self.model.param_count(serving_only=True),
+            "flops_per_example": self.model.flops_per_example,
+            **self.counts,
+            "busy_s": self.busy_s,
+            "examples_per_s": self.counts["examples_trained"] / self.busy_s if self.busy_s else 0.0,
+            "coverage": (sum(self.recent_outcomes) / len(self.recent_outcomes)) if self.recent_outcomes else None,
+            "pending": sum(len(j.examples) for j in self.joins.values()),
+            "metrics": snap,
+        }
+
+    def close(self) -> None:
+        try:
+            # Pending batches are not trained here: their offsets stay uncommitted and are
+            # replayed on the next start (with their labels, which are re-read too).
+            if self.batches_since_ckpt or self.version == 0:
+                self.checkpoint()
+            self.progress.write_summary(self.snapshot())
+        finally:
+            self.consumer.close()
+            self.producer.flush(10)
+
+
+def run_student(config: Config, name: str) -> None:
+    """Run until SIGTERM/SIGINT: the entry point of ``distill student --name NAME``."""
+    worker = StudentWorker(config, name)
+    worker.service.install_signal_handlers()
+    worker.service.start_http()
+    worker.start()
+    worker.service.run(worker.step, worker.close)

