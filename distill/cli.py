@@ -123,6 +123,62 @@ def student(name: Annotated[str, typer.Option("--name", "-n", help="Which config
         _fail(exc)
 
 
+@app.command()
+def produce(
+    source: Annotated[str, typer.Argument(help="synthetic, movielens or file.")],
+    config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
+    examples: Annotated[Optional[int], typer.Option("--examples", help="Stop after N examples (producer.max_examples).")] = None,
+    rate: Annotated[Optional[float], typer.Option(help="Examples per second (producer.rate).")] = None,
+    speedup: Annotated[Optional[float], typer.Option(help="Event-time speed-up of a replay (producer.speedup).")] = None,
+    position_file: Annotated[Optional[Path], typer.Option(help="Resume a replay from here (producer.position_file).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz.")] = None,
+) -> None:
+    """Run a producer service: stream a source into the examples topic."""
+    from distill.progress import ProgressLog
+    from producers.service import run_producer
+    from producers.sources import load_config_for
+
+    try:
+        cfg = load_config_for(source, config, **({"kafka": {"bootstrap_servers": bootstrap}} if bootstrap else {}))
+        if metrics_port is not None:
+            cfg.producer.metrics_port = metrics_port
+        _configure("producer", cfg.producer.producer_id)
+        result = run_producer(cfg, source, max_examples=examples, rate=rate, speedup=speedup,
+                              position_file=position_file)
+    except DistillError as exc:
+        _fail(exc)
+    ProgressLog(cfg.progress_dir(), "producer", cfg.producer.producer_id).write_summary(result)
+    typer.echo(f"produced {result['examples']:,} examples in {result['batches']:,} batches ({result['stopped']})")
+
+
+@app.command()
+def up(
+    source: Annotated[str, typer.Option(help="synthetic, movielens or file.")] = "synthetic",
+    config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
+    examples: Annotated[Optional[int], typer.Option(help="Examples to produce (default: the whole source).")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
+    report: Annotated[Path, typer.Option(help="Where report.json, report.md and report.png go.")] = Path("report"),
+    prometheus: Annotated[bool, typer.Option(help="Start Debian's prometheus scraping every process.")] = False,
+    state_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, models, logs (state_dir); wiped at start.")] = None,
+) -> None:
+    """Run the whole pipeline locally: broker, producer, teacher, students; then a report."""
+    from distill.up import run_up
+    from producers.sources import load_config_for
+
+    try:
+        over = {"state_dir": str(state_dir)} if state_dir else {}
+        cfg = load_config_for(source, config, **over)
+        if source == "synthetic":
+            # The synthetic stream is endless; its drift schedule spans synthetic.examples.
+            examples = examples or cfg.synthetic.examples
+            cfg.synthetic.examples = examples
+        code = run_up(cfg, source, examples=examples, duration=duration, report_dir=report,
+                      bootstrap=bootstrap, prometheus=prometheus)
+    except DistillError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
     app()

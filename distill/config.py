@@ -123,8 +123,8 @@ class CheckpointConfig(_Strict):
 
 # A role's model defaults; a partial [teacher.model] or students[i].model is merged over them
 # (not over ModelConfig's), so setting `hidden` alone keeps the role's embedding_dim.
-_TEACHER_MODEL = {"hidden": [512, 256, 128], "embedding_dim": 32, "cross_layers": 2}
-_STUDENT_MODEL = {"hidden": [64], "embedding_dim": 8, "cross_layers": 0}
+_TEACHER_MODEL = {"hidden": [512, 256, 128], "embedding_dim": 32, "cross_layers": 2, "learning_rate": 0.01}
+_STUDENT_MODEL = {"hidden": [32], "embedding_dim": 4, "cross_layers": 0}
 
 
 def _over(defaults: dict[str, Any], value: Any) -> Any:
@@ -156,7 +156,7 @@ class StudentConfig(_Strict):
     soft_weight: float = Field(default=0.5, ge=0.0)
     temperature: float = Field(default=1.0, gt=0)
     distill_tasks: list[str] | None = None  # None: every task
-    label_wait_s: float = Field(default=2.0, ge=0)
+    label_wait_s: float = Field(default=5.0, ge=0)
     max_pending_batches: int = Field(default=64, ge=1)
     device: Device = "auto"
     poll_timeout_s: float = Field(default=0.1, gt=0)
@@ -194,8 +194,8 @@ class ProducerConfig(_Strict):
 
 class SyntheticConfig(_Strict):
     seed: int = 7
-    num_users: int = Field(default=1000, ge=1)
-    num_items: int = Field(default=500, ge=1)
+    num_users: int = Field(default=300, ge=1)
+    num_items: int = Field(default=200, ge=1)
     latent_dim: int = Field(default=8, ge=1)
     dense_dim: int = Field(default=8, ge=0)
     new_items_every: int = Field(default=20_000, ge=1)
@@ -236,7 +236,7 @@ class Config(_Strict):
         default_factory=lambda: [
             StudentConfig(name="none", mode="none"),
             StudentConfig(name="direct", mode="direct"),
-            StudentConfig(name="aux", mode="aux"),
+            StudentConfig(name="aux", mode="aux", soft_weight=1.0),
         ]
     )
     producer: ProducerConfig = Field(default_factory=ProducerConfig)

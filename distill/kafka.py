@@ -134,7 +134,9 @@ def wait_for_broker(admin: AdminClient, seconds: float = 60.0) -> None:
 
 
 def partition_count(admin: AdminClient, topic: str, timeout: float = 10.0) -> int | None:
-    meta = admin.list_topics(topic=topic, timeout=timeout)
+    # All topics, not list_topics(topic=...): a metadata request naming a missing topic lets a
+    # broker with auto-creation on (tansu; Kafka's default) create it with default partitions.
+    meta = admin.list_topics(timeout=timeout)
     t = meta.topics.get(topic)
     if t is None or t.error is not None:
         return None
@@ -199,10 +201,11 @@ def lag(consumer: Consumer, partitions: list[TopicPartition]) -> dict[tuple[str,
             _low, high = consumer.get_watermark_offsets(tp, cached=True)
         except KafkaException:
             continue
-        if high < 0:
+        if high < 0 or tp.offset < 0:
+            # No cached watermark, or nothing consumed yet: unknown, not 0 (a consumer that
+            # has not returned its first message may have a backlog of any size).
             continue
-        position = tp.offset if tp.offset >= 0 else high
-        out[(tp.topic, tp.partition)] = max(0, high - position)
+        out[(tp.topic, tp.partition)] = max(0, high - tp.offset)
     return out
 
 

@@ -1,6 +1,7 @@
 """Replay any CSV or Parquet file with the column mapping of the ``[file]`` config section.
 
-The file is read once into numpy columns (sorting by event time needs all of it anyway):
+The file is read once into numpy columns, so it must fit in memory (sorting by event time
+needs all of it anyway):
 - categorical columns: integers as they are, anything else hashed to a stable int64
   (blake2b of the text, the same on every machine and run);
 - dense and label columns: float32; a label that is not a finite number is refused;
@@ -195,8 +196,11 @@ class FileSource(ArraySource):
         cfg, path = self.cfg, self.path
         label_cols = [cfg.labels[n] for n in self.task_names]
         wanted: dict[str, str] = {}
-        for key, column in (("example_id", cfg.example_id), ("event_time", cfg.event_time),
-                            ("user", cfg.user)):
+        for key, column in (
+            ("example_id", cfg.example_id),
+            ("event_time", cfg.event_time),
+            ("user", cfg.user),
+        ):
             if column:
                 wanted.setdefault(column, f"file.{key}")
         for key, columns in (("categorical", self.categorical_names), ("dense", self.dense_names)):

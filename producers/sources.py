@@ -9,6 +9,7 @@ resuming a replay means asking for the chunks from a position on.
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
 from distill.config import Config, load_config, read_file
 from distill.exceptions import ConfigError

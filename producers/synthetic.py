@@ -81,7 +81,7 @@ class SyntheticSource(Source):
         self.items_per_launch = max(1, math.ceil((cfg.num_items - self.initial_items) / launches))
         self._pop_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self._rot_cache: tuple[int, np.ndarray] | None = None
-        self._cdf_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._cdf_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def total(self) -> int:
@@ -126,8 +126,8 @@ class SyntheticSource(Source):
     def active_items(self, launch: int) -> int:
         return min(self.cfg.num_items, self.initial_items + launch * self.items_per_launch)
 
-    def _exposure(self, pop_epoch: int, launch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sampling cdf over the active items, popularity per item, item factors are separate)."""
+    def _exposure(self, pop_epoch: int, launch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cdf of the item draw over the active items, popularity of every item)."""
         key = (pop_epoch, launch)
         if key not in self._cdf_cache:
             group, item = self.popularity(pop_epoch)
@@ -142,7 +142,7 @@ class SyntheticSource(Source):
             cdf = np.cumsum(weights) / weights.sum()
             if len(self._cdf_cache) > 8:
                 self._cdf_cache.clear()
-            self._cdf_cache[key] = (cdf, pop, fresh)
+            self._cdf_cache[key] = (cdf, pop)
         return self._cdf_cache[key]
 
     # -- generation --------------------------------------------------------------------------
@@ -169,17 +169,18 @@ class SyntheticSource(Source):
         pop_epoch = pos // cfg.popularity_shift_every
         launch = pos // cfg.new_items_every
         concept = pos // cfg.concept_change_every
-        keys = np.stack([pop_epoch, launch, concept], axis=1)
-        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        # Epochs only grow with the position: each (popularity, launch, concept) state is one
+        # contiguous run of rows, usually the whole block.
+        change = (np.diff(pop_epoch) != 0) | (np.diff(launch) != 0) | (np.diff(concept) != 0)
+        starts = np.concatenate([[0], np.flatnonzero(change) + 1, [n]])
         r = max(1, self.k // 2)
-        for j, (pe, la, ce) in enumerate(uniq):
-            rows = np.flatnonzero(inverse == j)
-            cdf, item_pop, _fresh = self._exposure(int(pe), int(la))
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
+            rows = slice(int(a), int(b))
+            cdf, item_pop = self._exposure(int(pop_epoch[a]), int(launch[a]))
             chosen = np.searchsorted(cdf, u_item[rows], side="right").clip(0, len(cdf) - 1)
             items[rows] = chosen
             pop[rows] = item_pop[chosen]
-            rot_first[rows] = self.item_factors[chosen, :r] @ self.rotation(int(ce))
+            rot_first[rows] = self.item_factors[chosen, :r] @ self.rotation(int(concept[a]))
         v = self.item_factors[items].copy()
         v[:, :r] = rot_first
         u = self.user_factors[users]

@@ -265,18 +265,12 @@ class StudentWorker:
             m.STUDENT_JOIN.labels(self.name, outcome).inc()
 
     def _train_ready(self, ready: list[Ready]) -> int:
-        """Train on ready batches: one step for those with labels, one for those without."""
-        if not ready:
-            return 0
-        with_label, without = [], []
+        """Train on ready batches in offset order, one optimizer step per example batch."""
+        n = 0
         for r in ready:
             if r.label is not None and not self._label_matches(r):
                 r.label = None
-            (with_label if r.label is not None else without).append(r)
-        n = 0
-        for group, has_label in ((with_label, True), (without, False)):
-            if group:
-                n += self._train_group(group, has_label)
+            n += self._train_group([r], r.label is not None)
         return n
 
     def _label_matches(self, r: Ready) -> bool:
@@ -372,6 +366,7 @@ class StudentWorker:
             "params": self.model.param_count(serving_only=True),
             "flops_per_example": self.model.flops_per_example,
             **self.counts,
+            "unique_batches_trained": len(set(self.trained_batch_ids)),
             "busy_s": self.busy_s,
             "examples_per_s": self.counts["examples_trained"] / self.busy_s if self.busy_s else 0.0,
             "coverage": (sum(self.recent_outcomes) / len(self.recent_outcomes)) if self.recent_outcomes else None,

@@ -246,7 +246,13 @@ class TeacherWorker:
         m.TEACHER_LABEL_BATCHES.labels(self.name).inc(len(good))
 
     def _train(self, batches: list[ExampleBatch]) -> None:
-        cat, dense, labels = batch_tensors(batches, self.device)
+        # One optimizer step per example batch: grouping speeds up labelling, not learning, so
+        # the learning dynamics do not depend on how many batches a step consumed.
+        for batch in batches:
+            self._train_step(batch)
+
+    def _train_step(self, batch: ExampleBatch) -> None:
+        cat, dense, labels = batch_tensors([batch], self.device)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device):
@@ -255,13 +261,12 @@ class TeacherWorker:
         loss = torch.stack(losses).sum()
         if not torch.isfinite(loss):
             m.TEACHER_NAN.labels(self.name).inc()
-            log.warning("non-finite loss: training step skipped")
+            log.warning("non-finite loss: training step skipped", extra={"batch_id": batch.batch_id})
             return
         loss.backward()
         self.optimizer.step()
-        n = labels.shape[0]
-        self.examples_trained += n
-        m.TEACHER_TRAINED.labels(self.name).inc(n)
+        self.examples_trained += batch.size
+        m.TEACHER_TRAINED.labels(self.name).inc(batch.size)
         for name, value in zip(self.task_names, losses):
             m.TEACHER_LOSS.labels(self.name, name).set(value.item())
 

@@ -107,8 +107,6 @@ def make_config(broker: EmbeddedBroker, tmp_path, unique_name) -> Callable[..., 
             "producer": {"producer_id": f"producer.{run}"},
             "broker": {"log_file": str(tmp_path / "broker.log")},
         }
-        if "state_dir" not in Config.model_fields:  # older config without a state root
-            del base["state_dir"]
         return load_config(None, environ={}, **_merge(base, overrides))
 
     return make

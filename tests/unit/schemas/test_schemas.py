@@ -62,7 +62,8 @@ def test_latest_versions():
     assert schemas.latest("label_batch").version == 1
     assert schemas.latest("dead_letter").version == 1
     for kind in KINDS:
-        assert schemas.latest(kind).version == max(s.version for s in schemas.all_schemas() if s.kind == kind)
+        versions = [s.version for s in schemas.all_schemas() if s.kind == kind]
+        assert schemas.latest(kind).version == max(versions)
 
 
 def test_latest_example_batch_has_optional_truth():
@@ -75,11 +76,12 @@ def test_newer_versions_only_add_fields_with_defaults():
     """Backward compatibility: a reader of version N reads every older version's messages."""
     for kind in KINDS:
         versions = [s for s in schemas.all_schemas() if s.kind == kind]
-        for old, new in zip(versions, versions[1:]):
+        for old, new in zip(versions, versions[1:], strict=False):
             old_fields = {f["name"] for f in old.parsed["fields"]}
             for f in new.parsed["fields"]:
                 if f["name"] not in old_fields:
-                    assert "default" in f, f"{kind} v{new.version}: new field {f['name']!r} needs a default"
+                    where = f"{kind} v{new.version}: new field {f['name']!r}"
+                    assert "default" in f, f"{where} needs a default"
 
 
 def test_unknown_kind_names_the_folder():

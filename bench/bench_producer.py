@@ -1,0 +1,108 @@
+"""The producer service end to end against the codec alone, on the same batches.
+
+The synthetic source is produced to the embedded broker (4 partitions, user partitioner,
+acks=all, idempotent) and every delivery is acknowledged; beside it, the same examples, cut into
+batches of the same size, are only encoded. The ratio says how much of the codec's speed the
+whole path keeps (generation, partitioning, Kafka client, broker round trips). The producer
+figure includes the client's start (0.5 to 1 s for the idempotent producer id on this broker),
+hence a long enough stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from distill.broker import EmbeddedBroker
+from distill.config import load_config
+from distill.wire import Codec, ExampleBatch
+from producers.service import run_producer
+from producers.sources import Chunk
+from producers.synthetic import SyntheticSource
+
+EXAMPLES = 1_500_000
+BATCH = 256
+PARTITIONS = 4
+
+
+def encode_rate(source: SyntheticSource, batch_size: int) -> tuple[float, float]:
+    """(examples/s of encoding alone, examples/s of generating alone) for the whole stream."""
+    codec = Codec()
+    t = time.perf_counter()
+    stream = Chunk.concat(list(source.chunks(0, 8192)))
+    generate_s = time.perf_counter() - t
+    batches = []
+    for seq, lo in enumerate(range(0, len(stream), batch_size)):
+        c = stream.take(slice(lo, lo + batch_size))
+        batches.append(
+            ExampleBatch(
+                batch_id=f"bench-{seq}",
+                producer_id="bench",
+                seq=seq,
+                event_time_ms=c.event_time_ms,
+                example_ids=c.example_ids,
+                categorical_names=source.categorical_names,
+                categorical=c.categorical,
+                dense_names=source.dense_names,
+                dense=c.dense,
+                task_names=source.task_names,
+                labels=c.labels,
+                truth=c.truth,
+            )
+        )
+    t = time.perf_counter()
+    for b in batches:
+        codec.encode_examples(b)
+    encode_s = time.perf_counter() - t
+    return len(stream) / encode_s, len(stream) / generate_s
+
+
+def run() -> list[dict]:
+    logging.getLogger("distill").setLevel(logging.WARNING)
+    logging.getLogger("producers").setLevel(logging.WARNING)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker,
+    ):
+        cfg = load_config(
+            None,
+            environ={},
+            kafka={"bootstrap_servers": broker.bootstrap},
+            topics={"partitions": PARTITIONS},
+            synthetic={"examples": EXAMPLES},
+            producer={"batch_size": BATCH},
+        )
+        result = run_producer(cfg, "synthetic", handle_signals=False, serve_http=False)
+    if result["examples"] != EXAMPLES:
+        raise RuntimeError(f"produced {result['examples']} of {EXAMPLES} examples: {result}")
+    produced = result["examples_per_s"]
+    encoded, generated = encode_rate(SyntheticSource(cfg.synthetic), BATCH)
+    mb_per_s = result["bytes"] / result["seconds"] / 1e6
+    return [
+        {
+            "name": f"producer to embedded broker ({BATCH}-example batches, "
+            f"{PARTITIONS} partitions, acks=all)",
+            "value": produced,
+            "unit": "examples/s",
+            "ratio": produced / encoded,
+            "vs": "codec encode of the same batches alone",
+        },
+        {"name": "codec encode of the same batches", "value": encoded, "unit": "examples/s"},
+        {
+            "name": "synthetic source generation",
+            "value": generated,
+            "unit": "examples/s",
+            "ratio": generated / encoded,
+            "vs": "codec encode",
+        },
+        {"name": "producer payload", "value": mb_per_s, "unit": "MB/s"},
+    ]
+
+
+if __name__ == "__main__":
+    rows = run()
+    for row in rows:
+        ratio = f"  ({row['ratio']:.2f}x {row['vs']})" if "ratio" in row else ""
+        print(f"{row['name']}: {row['value']:,.0f} {row['unit']}{ratio}")

@@ -1,0 +1,106 @@
+"""The report of a ``distill up`` run: report.json, report.md and report.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distill.progress import _clean
+
+
+def _first_binary(report: dict) -> str | None:
+    for task, values in report["teacher"]["metrics"].items():
+        if "auc" in values:
+            return task
+    return None
+
+
+def _markdown(report: dict) -> str:
+    tasks = list(report["teacher"]["metrics"])
+    baseline = next((s for s in report["students"].values() if s["mode"] == "none"), None)
+    lines = [
+        f"# online-distill run: {report['source']}",
+        "",
+        f"{report['examples_produced']:,} examples in {report['duration_s']:.0f} s; "
+        f"teacher labelled {report['teacher']['examples_labeled']:,}.",
+        "",
+        "Progressive (predict-before-train) metrics of the serving head over the whole stream.",
+        "",
+    ]
+    header = ["model", "mode", "params", "examples", "ex/s", "joined/missing/late/dup"]
+    for task in tasks:
+        for key in report["teacher"]["metrics"][task]:
+            header.append(f"{task} {key}")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def row(name: str, mode: str, entry: dict, join: str) -> str:
+        cells = [name, mode, f"{entry.get('params') or 0:,}", f"{entry.get('examples_trained', entry.get('examples_labeled', 0)):,}",
+                 f"{entry.get('examples_per_s') or 0:,.0f}", join]
+        for task in tasks:
+            for key, value in entry["metrics"][task].items():
+                cell = "-" if value is None else f"{value:.4f}"
+                if baseline is not None and entry is not baseline and mode != "teacher" and value is not None:
+                    base = baseline["metrics"][task].get(key)
+                    if base is not None and key in ("auc", "logloss", "rmse"):
+                        cell += f" ({value - base:+.4f})"
+                cells.append(cell)
+        return "| " + " | ".join(cells) + " |"
+
+    lines.append(row("teacher", "teacher", report["teacher"], "-"))
+    for name, s in report["students"].items():
+        j = s["join"]
+        lines.append(row(name, s["mode"], s, f"{j['joined']}/{j['missing']}/{j['late']}/{j['duplicate']}"))
+    lines += ["", "Numbers in brackets: difference to the `none` student (distillation off). "
+              "Lower log loss / RMSE and higher AUC are better.", "", "![progress](report.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(report: dict, progress_dir: Path, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task = _first_binary(report)
+    metric = "logloss"
+    if task is None:
+        task, metric = next(iter(report["teacher"]["metrics"])), "rmse"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = [("teacher", report["teacher"]["name"], "teacher", "examples_labeled")]
+    series += [("student", name, f"{name} ({s['mode']})", "examples_trained") for name, s in report["students"].items()]
+    for role, name, label, x_key in series:
+        path = progress_dir / f"{role}-{name}.jsonl"
+        if not path.exists():
+            continue
+        xs, ys_metric, ys_auc = [], [], []
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            values = rec.get("metrics", {}).get(task, {}).get("main", {}).get("windowed", {})
+            if values.get(metric) is None:
+                continue
+            xs.append(rec.get(x_key, 0))
+            ys_metric.append(values[metric])
+            ys_auc.append(values.get("auc"))
+        axes[0].plot(xs, ys_metric, label=label, lw=2 if role == "teacher" else 1.2)
+        if metric == "logloss":
+            axes[1].plot(xs, ys_auc, label=label, lw=2 if role == "teacher" else 1.2)
+    axes[0].set_title(f"{task}: windowed progressive {metric}")
+    axes[1].set_title(f"{task}: windowed progressive AUC")
+    for ax in axes:
+        ax.set_xlabel("stream position (examples)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], directory: Path, progress_dir: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    report = _clean(report)
+    paths = {"json": directory / "report.json", "md": directory / "report.md", "png": directory / "report.png"}
+    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["md"].write_text(_markdown(report))
+    _plot(report, progress_dir, paths["png"])
+    return paths

@@ -1,0 +1,371 @@
+"""``distill up``: the whole pipeline on one machine, as separate processes.
+
+Starts the embedded broker (unless ``--bootstrap``), creates the topics, runs a producer, the
+teacher and every configured student, shows live progress on a terminal, and when the producer
+is done and every student has trained every example (or at ``--duration``) stops them
+gracefully and writes the report. A child that dies takes the run down with its log's tail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.broker import EmbeddedBroker, free_port
+from distill.config import Config
+from distill.kafka import Clients, ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    role: str
+    name: str
+    cmd: list[str]
+    port: int
+    log_path: Path
+    process: subprocess.Popen | None = None
+    exit_code: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_path, "ab")
+        # Own session: a Ctrl-C in the terminal reaches ``distill up`` only, which then stops
+        # the children in order.
+        self.process = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        out.close()
+
+    def poll(self) -> int | None:
+        if self.process is not None and self.exit_code is None:
+            self.exit_code = self.process.poll()
+        return self.exit_code
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.process is None:
+            return self.exit_code
+        try:
+            self.exit_code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.exit_code = self.process.wait()
+        return self.exit_code
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _last_line(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65536))
+            lines = f.read().splitlines()
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, json.JSONDecodeError, IndexError):
+        return None
+
+
+class Pipeline:
+    def __init__(self, config: Config, source: str, examples: int | None, duration: float | None,
+                 report_dir: Path, bootstrap: str | None, prometheus: bool, live: bool | None = None,
+                 producer_args: list[str] | None = None):
+        self.config = config
+        self.source = source
+        self.examples = examples
+        self.duration = duration
+        self.report_dir = report_dir
+        self.bootstrap = bootstrap
+        self.want_prometheus = prometheus
+        self.live = sys.stdout.isatty() if live is None else live
+        self.producer_args = producer_args or []
+        self.broker: EmbeddedBroker | None = None
+        self.children: list[Child] = []
+        self.prometheus: subprocess.Popen | None = None
+        self.prometheus_url: str | None = None
+        self.stop_requested = False
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _prepare(self) -> Path:
+        state = self.config.state_dir
+        if state.exists():
+            # A run starts clean: the embedded broker forgets topics, so old checkpoints would
+            # point at offsets that no longer exist.
+            shutil.rmtree(state)
+        state.mkdir(parents=True)
+        if self.bootstrap is None:
+            self.broker = EmbeddedBroker(log_file=state / "logs" / "broker.log").start()
+            self.bootstrap = self.broker.bootstrap
+        self.config.kafka.bootstrap_servers = self.bootstrap
+        config_path = state / "config.yaml"
+        config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        ensure_topics(self.config, Clients(self.config.kafka, "up").admin(), seconds=30)
+        return config_path
+
+    def _children(self, config_path: Path) -> list[Child]:
+        py = [sys.executable, "-m", "distill"]
+        logs = self.config.state_dir / "logs"
+        kids = []
+        port = free_port()
+        kids.append(Child("teacher", self.config.teacher.name,
+                          py + ["teacher", "--config", str(config_path), "--metrics-port", str(port)],
+                          port, logs / "teacher.log"))
+        for s in self.config.students:
+            port = free_port()
+            kids.append(Child("student", s.name,
+                              py + ["student", "--name", s.name, "--config", str(config_path), "--metrics-port", str(port)],
+                              port, logs / f"student-{s.name}.log", extra={"mode": s.mode}))
+        port = free_port()
+        cmd = py + ["produce", self.source, "--config", str(config_path), "--metrics-port", str(port)]
+        if self.examples:
+            cmd += ["--examples", str(self.examples)]
+        kids.append(Child("producer", self.config.producer.producer_id, cmd + self.producer_args, port,
+                          logs / "producer.log"))
+        return kids
+
+    def _start_prometheus(self) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            print("warning: --prometheus asked, but the prometheus binary is not installed "
+                  "(apt-get install prometheus); continuing without it", file=sys.stderr)
+            return
+        state = self.config.state_dir / "prometheus"
+        state.mkdir(parents=True, exist_ok=True)
+        scrape = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "5s"},
+            "scrape_configs": [
+                {"job_name": f"distill-{c.role}", "static_configs": [
+                    {"targets": [f"127.0.0.1:{c.port}"], "labels": {"role": c.role, "worker": c.name}}]}
+                for c in self.children
+            ],
+        }
+        (state / "prometheus.yml").write_text(yaml.safe_dump(scrape, sort_keys=False))
+        port = free_port()
+        self.prometheus = subprocess.Popen(
+            [binary, f"--config.file={state / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
+             f"--storage.tsdb.path={state / 'data'}"],
+            stdout=open(state / "prometheus.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.prometheus_url = f"http://127.0.0.1:{port}"
+        print(f"prometheus: {self.prometheus_url} (scraping {len(self.children)} processes)")
+
+    def _prometheus_targets(self) -> dict | None:
+        if self.prometheus_url is None:
+            return None
+        import urllib.request
+
+        deadline = time.monotonic() + 20
+        result: dict = {"url": self.prometheus_url, "targets": 0, "up": 0}
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.prometheus_url}/api/v1/targets", timeout=2) as r:
+                    active = json.load(r)["data"]["activeTargets"]
+                result.update(targets=len(active), up=sum(1 for t in active if t["health"] == "up"))
+                if result["targets"] == len(self.children) and result["up"] == result["targets"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        return result
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        started = time.monotonic()
+        previous = signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        failed: Child | None = None
+        targets = None
+        try:
+            config_path = self._prepare()
+            self.children = self._children(config_path)
+            env = dict(os.environ)
+            env.setdefault("OMP_NUM_THREADS", "1")  # several torch processes share the cores
+            env.pop("DISTILL_CONFIG", None)
+            for child in self.children:
+                child.start(env)
+            if self.want_prometheus:
+                self._start_prometheus()
+            print(f"pipeline up on {self.bootstrap}: producer, teacher, {len(self.config.students)} students; "
+                  f"logs in {self.config.state_dir / 'logs'}", flush=True)
+            failed = self._watch(started)
+            if self.prometheus_url and failed is None:
+                targets = self._prometheus_targets()
+        finally:
+            self._stop_all()
+            signal.signal(signal.SIGINT, previous)
+        if failed is not None:
+            print(f"\n{failed.role} {failed.name} exited with code {failed.exit_code}; last lines of {failed.log_path}:\n"
+                  f"{failed.tail()}", file=sys.stderr)
+        report = self._report(time.monotonic() - started, targets)
+        from distill.report import write_report
+
+        paths = write_report(report, self.report_dir, self.config.progress_dir())
+        print(f"report: {paths['md']} ({paths['json']}, {paths['png']})")
+        bad = [c for c in self.children if c.exit_code not in (0,)]
+        if failed is not None or bad:
+            for c in bad:
+                if c is not failed:
+                    print(f"{c.role} {c.name} exited with code {c.exit_code}; see {c.log_path}", file=sys.stderr)
+            return 1
+        return 0
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.stop_requested:
+            return
+        self.stop_requested = True
+        print("\nstopping: finishing batches, checkpointing, committing...", file=sys.stderr, flush=True)
+
+    def status(self) -> dict[str, dict]:
+        progress = self.config.progress_dir()
+        out = {}
+        for c in self.children:
+            out[f"{c.role}:{c.name}"] = _last_line(progress / f"{c.role}-{c.name}.jsonl") or {}
+        return out
+
+    def _done(self, status: dict[str, dict]) -> bool:
+        producer = next(c for c in self.children if c.role == "producer")
+        if producer.poll() != 0:
+            return False
+        summary = _read_json(self.config.progress_dir() / f"producer-{producer.name}.summary.json") or {}
+        produced = summary.get("examples")
+        if produced is None:
+            return False
+        teacher = status.get(f"teacher:{self.config.teacher.name}", {})
+        if teacher.get("examples_labeled", 0) < produced:
+            return False
+        return all(status.get(f"student:{s.name}", {}).get("examples_trained", 0) >= produced
+                   for s in self.config.students)
+
+    def _watch(self, started: float) -> Child | None:
+        from distill.live import LiveView
+
+        view = LiveView(self) if self.live else None
+        try:
+            if view:
+                view.start()
+            while not self.stop_requested:
+                for child in self.children:
+                    code = child.poll()
+                    if code is not None and (code != 0 or child.role != "producer"):
+                        return child
+                status = self.status()
+                if view:
+                    view.update(status)
+                if self._done(status):
+                    return None
+                if self.duration is not None and time.monotonic() - started >= self.duration:
+                    return None
+                time.sleep(0.5)
+            return None
+        finally:
+            if view:
+                view.stop()
+
+    def _stop_all(self) -> None:
+        # Students and teacher stop gracefully (finish the batch, checkpoint, commit).
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
+            child.wait(timeout=90)
+        if self.prometheus is not None:
+            self.prometheus.terminate()
+            self.prometheus.wait(10)
+        if self.broker is not None:
+            self.broker.stop()
+
+    def _report(self, duration_s: float, targets: dict | None) -> dict:
+        progress = self.config.progress_dir()
+
+        def summary(c: Child) -> dict:
+            return _read_json(progress / f"{c.role}-{c.name}.summary.json") or {}
+
+        producer = next(c for c in self.children if c.role == "producer")
+        teacher_child = next(c for c in self.children if c.role == "teacher")
+        ps, ts = summary(producer), summary(teacher_child)
+        tasks = self.config.task_types()
+
+        def task_metrics(snap: dict, head: str) -> dict:
+            out = {}
+            for task, kind in tasks.items():
+                values = snap.get(task, {}).get(head, {}).get("cumulative", {})
+                keys = ("auc", "logloss", "calibration") if kind == "binary" else ("rmse", "calibration")
+                out[task] = {k: values.get(k) for k in keys}
+            return out
+
+        students = {}
+        for c in self.children:
+            if c.role != "student":
+                continue
+            s = summary(c)
+            students[c.name] = {
+                "mode": c.extra["mode"],
+                "params": s.get("params"),
+                "examples_trained": s.get("examples_trained", 0),
+                "batches_trained": s.get("batches_trained", 0),
+                "examples_per_s": s.get("examples_per_s"),
+                "unique_batches_trained": s.get("unique_batches_trained"),
+                "join": {k: s.get(k, 0) for k in ("joined", "missing", "late", "duplicate")},
+                "metrics": task_metrics(s.get("metrics", {}), "main"),
+                "teacher_on_same_batches": task_metrics(s.get("metrics", {}), "teacher"),
+            }
+        return {
+            "source": self.source,
+            "examples_produced": ps.get("examples", 0),
+            "batches_produced": ps.get("batches", 0),
+            "duration_s": round(duration_s, 2),
+            "bootstrap": self.bootstrap,
+            "teacher": {
+                "name": teacher_child.name,
+                "examples_labeled": ts.get("examples_labeled", 0),
+                "params": ts.get("params"),
+                "flops_per_example": ts.get("flops_per_example"),
+                "examples_per_s": ts.get("examples_per_s"),
+                "metrics": task_metrics(ts.get("metrics", {}), "main"),
+            },
+            "students": students,
+            "processes": [
+                {"role": c.role, "name": c.name, "exit_code": c.exit_code, "metrics_url": c.metrics_url,
+                 "log": str(c.log_path)}
+                for c in self.children
+            ],
+            "prometheus": targets,
+        }
+
+
+def run_up(config: Config, source: str, examples: int | None = None, duration: float | None = None,
+           report_dir: Path = Path("report"), bootstrap: str | None = None, prometheus: bool = False,
+           live: bool | None = None, producer_args: list[str] | None = None) -> int:
+    return Pipeline(config, source, examples, duration, report_dir, bootstrap, prometheus, live,
+                    producer_args).run()
+
