@@ -19,6 +19,7 @@ from pathlib import Path
 from confluent_kafka.admin import AdminClient
 
 from distill.exceptions import BrokerError
+from distill.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class EmbeddedBroker:
         ]
         log.info("starting embedded broker", extra={"cmd": " ".join(cmd)})
         self.process = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         if self.advertised_port == self.port:
             self.wait_ready(timeout_s)

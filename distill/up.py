@@ -25,6 +25,7 @@ import yaml
 from distill.broker import EmbeddedBroker, free_port
 from distill.config import Config
 from distill.kafka import Clients, ensure_topics
+from distill.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Child:
         # Own session: a Ctrl-C in the terminal reaches ``distill up`` only, which then stops
         # the children in order.
         self.process = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=die_with_parent)
         out.close()
 
     def poll(self) -> int | None:
@@ -176,7 +177,8 @@ class Pipeline:
         self.prometheus = subprocess.Popen(
             [binary, f"--config.file={state / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
              f"--storage.tsdb.path={state / 'data'}"],
-            stdout=open(state / "prometheus.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=open(state / "prometheus.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent)
         self.prometheus_url = f"http://127.0.0.1:{port}"
         print(f"prometheus: {self.prometheus_url} (scraping {len(self.children)} processes)")
 

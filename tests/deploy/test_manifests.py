@@ -69,11 +69,13 @@ def test_core_resources_validate_against_kubernetes_schemas(app_overlays, overla
         if doc["apiVersion"].startswith(CRD_GROUPS):
             continue
         for version in K8S_VERSIONS:
+            error = None
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                where = "/".join(map(str, exc.path))
-                pytest.fail(f"{overlay}: {doc['kind']} {doc['metadata']['name']} (k8s {version}) at {where}: {exc.message}")
+                error = f"at /{'/'.join(map(str, exc.path))}: {exc.message}"
+            if error:  # outside the except: the exception's repr holds the whole document
+                pytest.fail(f"{overlay}: {doc['kind']} {doc['metadata']['name']} (k8s {version}) {error}")
         checked += 1
     assert checked >= 15
 
