@@ -28,6 +28,8 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 Partitioner = Literal["user", "round_robin"]
 
 ENV_PREFIX = "DISTILL_"
+# DISTILL_* variables that are not config fields.
+_NOT_CONFIG = {f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}LOG_LEVEL"}
 
 
 class _Strict(BaseModel):
@@ -296,7 +298,7 @@ def _parse_env_value(raw: str) -> Any:
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+        if not key.startswith(ENV_PREFIX) or key in _NOT_CONFIG:
             continue
         path = key[len(ENV_PREFIX) :].lower().split("__")
         node = overrides

@@ -12,7 +12,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential, wait_random
 
 from distill.config import Config, KafkaConfig
 from distill.exceptions import BrokerError, DeliveryError, TopicMismatchError
@@ -113,18 +113,19 @@ class Clients:
         return AdminClient(self.base)
 
 
-def retrying(what: str, seconds: float = 60.0) -> Retrying:
-    """Backoff for connecting and admin calls: broker hiccups are retried, then reported."""
+def retrying(what: str, seconds: float | None = 60.0) -> Retrying:
+    """Backoff for connecting and admin calls: broker hiccups are retried, then reported.
+    ``seconds=None`` retries until it works (workers: not ready, but no crash loop)."""
     return Retrying(
         retry=retry_if_exception_type((KafkaException, BrokerError)),
-        wait=wait_exponential_jitter(initial=0.2, max=5.0),
-        stop=stop_after_delay(seconds),
+        wait=wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.2),
+        stop=stop_never if seconds is None else stop_after_delay(seconds),
         reraise=True,
         before_sleep=lambda rs: log.warning("%s failed (attempt %d), retrying: %s", what, rs.attempt_number, rs.outcome.exception()),
     )
 
 
-def wait_for_broker(admin: AdminClient, seconds: float = 60.0) -> None:
+def wait_for_broker(admin: AdminClient, seconds: float | None = 60.0) -> None:
     for attempt in retrying("connecting to the broker", seconds):
         with attempt:
             try:
@@ -143,7 +144,7 @@ def partition_count(admin: AdminClient, topic: str, timeout: float = 10.0) -> in
     return len(t.partitions)
 
 
-def ensure_topics(config: Config, admin: AdminClient, seconds: float = 60.0) -> None:
+def ensure_topics(config: Config, admin: AdminClient, seconds: float | None = 60.0) -> None:
     """Create the examples, labels and DLQ topics if missing and check their partition counts."""
     topics = config.topics
     wanted = {

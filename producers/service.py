@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import uuid
 import time
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,9 @@ class ProducerService:
             "max_in_flight": 0,
         }
         self._started = 0.0
+        # Batch ids must never repeat across runs (readers de-duplicate by them): each run
+        # of the producer gets its own token; a resumed replay continues its sequence too.
+        self.run_token = uuid.uuid4().hex[:8]
         self._buffer_limit = 0  # set by start(), from the partition count
         self._resuming = False
 
@@ -306,7 +310,7 @@ class ProducerService:
         self.position.next_seq += 1
         pid = self.pcfg.producer_id
         batch = ExampleBatch(
-            batch_id=f"{pid}-{seq}",
+            batch_id=f"{pid}-{self.run_token}-{seq}",
             producer_id=pid,
             seq=seq,
             event_time_ms=chunk.event_time_ms,

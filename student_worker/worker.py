@@ -72,6 +72,9 @@ class StudentWorker:
         self.paused: set[tuple[str, int]] = set()
         self.busy_s = 0.0
         self._throughput = m.Throughput()
+        for counter in [m.STUDENT_NAN.labels(name), m.STUDENT_CKPT_FAILURES.labels(name)] + [
+                m.STUDENT_JOIN.labels(name, o) for o in ("joined", "missing", "late", "duplicate")]:
+            counter.inc(0)  # exported at 0 from the start, so increase() alerts see the first one
         self._restore()
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -161,7 +164,7 @@ class StudentWorker:
         admin = self.clients.admin()
         from distill.kafka import wait_for_broker
 
-        wait_for_broker(admin)
+        wait_for_broker(admin, seconds=None)  # not ready until it answers; no crash loop
         check_partitions(self.config, admin)
         self.producer = self.clients.producer()
         self.dead_letters = DeadLetters(self.producer, self.codec, self.role, self.name)

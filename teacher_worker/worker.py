@@ -76,6 +76,9 @@ class TeacherWorker:
         self.assigned: set[int] = set()
         self.busy_s = 0.0
         self._throughput = m.Throughput()
+        for counter in (m.TEACHER_NAN.labels(self.name), m.TEACHER_TRANSACTIONS.labels(self.name, "commit"),
+                        m.TEACHER_TRANSACTIONS.labels(self.name, "abort")):
+            counter.inc(0)  # exported at 0 from the start, so increase() alerts see the first one
         self._restore()
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -125,7 +128,8 @@ class TeacherWorker:
     # -- Kafka -------------------------------------------------------------------------------
     def start(self) -> None:
         topics = self.config.topics
-        ensure_topics(self.config, self.clients.admin())
+        # A broker that is not there yet is waited for (not ready), never a crash loop.
+        ensure_topics(self.config, self.clients.admin(), seconds=None)
         self.producer = self.clients.producer(transactional_id=f"{self.config.teacher.group_id}.{self.name}")
         self.producer.init_transactions(60)
         self.dead_letters = DeadLetters(self.producer, self.codec, self.role, self.name)

