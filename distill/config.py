@@ -126,7 +126,7 @@ class CheckpointConfig(_Strict):
 # A role's model defaults; a partial [teacher.model] or students[i].model is merged over them
 # (not over ModelConfig's), so setting `hidden` alone keeps the role's embedding_dim.
 _TEACHER_MODEL = {"hidden": [512, 256, 128], "embedding_dim": 32, "cross_layers": 2, "learning_rate": 0.01}
-_STUDENT_MODEL = {"hidden": [32], "embedding_dim": 4, "cross_layers": 0}
+_STUDENT_MODEL = {"hidden": [64], "embedding_dim": 8, "cross_layers": 0, "learning_rate": 0.01}
 
 
 def _over(defaults: dict[str, Any], value: Any) -> Any:

@@ -208,19 +208,29 @@ class Pipeline:
         signal.signal(signal.SIGTERM, self._on_signal)
         failed: Child | None = None
         targets = None
+        self.children = []
         try:
             config_path = self._prepare()
             self.children = self._children(config_path)
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", "1")  # several torch processes share the cores
             env.pop("DISTILL_CONFIG", None)
-            for child in self.children:
-                child.start(env)
+            # Teacher first, then students, then the producer, each once ready: students that
+            # start before the teacher would time out on labels that are only late.
+            for role in ("teacher", "student", "producer"):
+                group = [c for c in self.children if c.role == role]
+                for child in group:
+                    child.start(env)
+                if role != "producer":
+                    failed = self._wait_ready(group)
+                    if failed is not None:
+                        break
             if self.want_prometheus:
                 self._start_prometheus()
             print(f"pipeline up on {self.bootstrap}: producer, teacher, {len(self.config.students)} students; "
                   f"logs in {self.config.state_dir / 'logs'}", flush=True)
-            failed = self._watch(started)
+            if failed is None:
+                failed = self._watch(started)
             if self.prometheus_url and failed is None:
                 targets = self._prometheus_targets()
         finally:
@@ -241,6 +251,30 @@ class Pipeline:
                     print(f"{c.role} {c.name} exited with code {c.exit_code}; see {c.log_path}", file=sys.stderr)
             return 1
         return 0
+
+    def _wait_ready(self, group: list[Child], timeout_s: float = 120.0) -> Child | None:
+        """Poll each child's /readyz; a child that exits meanwhile is returned as failed."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        pending = list(group)
+        while pending and not self.stop_requested:
+            for child in list(pending):
+                if child.poll() is not None:
+                    return child
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{child.port}/readyz", timeout=1) as r:
+                        if r.status == 200:
+                            pending.remove(child)
+                except (urllib.error.URLError, OSError):
+                    pass
+            if time.monotonic() > deadline:
+                names = ", ".join(f"{c.role} {c.name}" for c in pending)
+                print(f"warning: not ready after {timeout_s:.0f}s: {names}; going on", file=sys.stderr)
+                return None
+            time.sleep(0.2)
+        return None
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.stop_requested:

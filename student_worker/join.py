@@ -2,8 +2,13 @@
 
 Pure logic, no Kafka: the worker feeds it decoded batches and takes back what is ready to
 train, in example-offset order. Outcomes:
-  joined    the label arrived (before or after its examples) within ``label_wait_s``;
-  missing   no label within ``label_wait_s``, or the buffer bound was hit: hard labels only;
+  joined    the label arrived (before or after its examples) in time;
+  missing   hard labels only, because the label cannot come any more (a label for a later
+            batch of the partition arrived: one teacher labels a partition in offset order),
+            or labels stopped flowing for ``label_wait_s`` (the wait counts from the later of
+            the batch's arrival and the last label seen, so a teacher that is slow but alive
+            is waited for, while a stopped one costs ``label_wait_s`` once), or the buffer
+            bound was hit;
   late      a label for a batch already trained without one: dropped;
   duplicate a second label for the same batch (a teacher replay after a crash): dropped.
 """
@@ -54,6 +59,8 @@ class PartitionJoin:
         self.labels: dict[str, BufferedLabel] = {}
         self.recent: OrderedDict[str, bool] = OrderedDict()  # batch id -> trained with a label
         self._skipped_to = next_offset  # past dead-lettered example batches
+        self.label_high = -1  # highest example offset a label has arrived for
+        self.last_label_at = float("-inf")  # when the partition's last label arrived
 
     def skip(self, offset: int) -> None:
         """An example batch at ``offset`` went to the DLQ: nothing to train, but move past it."""
@@ -70,6 +77,8 @@ class PartitionJoin:
 
     def add_label(self, label: LabelBatch, offset: int, now: float, message: Any = None) -> str | None:
         """Buffer a label; returns 'late' or 'duplicate' when it is dropped instead."""
+        self.last_label_at = max(self.last_label_at, now)
+        self.label_high = max(self.label_high, label.source_offset)
         if label.batch_id in self.recent:
             return "duplicate" if self.recent[label.batch_id] else "late"
         if label.batch_id in self.labels:
@@ -79,13 +88,14 @@ class PartitionJoin:
         self.labels[label.batch_id] = BufferedLabel(label, offset, now, message)
         return None
 
-    def pop_ready(self, now: float) -> list[Ready]:
+    def pop_ready(self, now: float, teacher_seen_at: float = float("-inf")) -> list[Ready]:
+        """Batches ready to train, in offset order. ``teacher_seen_at``: when a label last
+        arrived on any partition (a teacher may serve one partition's backlog before another)."""
         ready: list[Ready] = []
         while self.examples:
             head = self.examples[0]
             label = self.labels.pop(head.batch.batch_id, None)
-            overfull = len(self.examples) > 2 * self.max_pending
-            if label is None and not overfull and now - head.arrived < self.label_wait_s:
+            if label is None and not self._give_up(head, now, teacher_seen_at):
                 break
             self.examples.popleft()
             ready.append(Ready(head, label))
@@ -93,6 +103,13 @@ class PartitionJoin:
         if not self.examples:
             self.next_offset = max(self.next_offset, self._skipped_to)
         return ready
+
+    def _give_up(self, head: PendingExamples, now: float, teacher_seen_at: float) -> bool:
+        if len(self.examples) > 2 * self.max_pending:
+            return True
+        if self.label_high > head.offset:
+            return True
+        return now - max(head.arrived, self.last_label_at, teacher_seen_at) >= self.label_wait_s
 
     def drain(self) -> list[Ready]:
         """Everything pending, labelled or not (used before handing a partition back)."""

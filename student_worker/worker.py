@@ -70,6 +70,7 @@ class StudentWorker:
         self.last_ckpt = time.monotonic()
         self.recent_outcomes: deque[bool] = deque(maxlen=200)
         self.paused: set[tuple[str, int]] = set()
+        self.teacher_seen_at = float("-inf")  # when any label last arrived
         self.busy_s = 0.0
         self._throughput = m.Throughput()
         for counter in [m.STUDENT_NAN.labels(name), m.STUDENT_CKPT_FAILURES.labels(name)] + [
@@ -230,7 +231,7 @@ class StudentWorker:
         started = time.perf_counter()
         trained = 0
         for join in self.joins.values():
-            trained += self._train_ready(join.pop_ready(now))
+            trained += self._train_ready(join.pop_ready(now, self.teacher_seen_at))
         if trained:
             elapsed = time.perf_counter() - started
             self.busy_s += elapsed
@@ -255,6 +256,7 @@ class StudentWorker:
 
     def _on_label(self, msg, join: PartitionJoin, now: float) -> None:
         p = msg.partition()
+        self.teacher_seen_at = now
         replay = msg.offset() < self.offsets.get(p, {}).get("labels_seen", -1)
         self.label_position[p] = msg.offset() + 1
         try:

@@ -34,9 +34,10 @@ def label_for(batch: ExampleBatch, source_offset: int, version: int = 1) -> Labe
     )
 
 
-def new_join(next_offset: int = 0, max_pending: int = 8) -> PartitionJoin:
+def new_join(next_offset: int = 0, max_pending: int = 8, label_wait_s: float | None = None) -> PartitionJoin:
     return PartitionJoin(
-        partition=0, next_offset=next_offset, label_wait_s=WAIT, max_pending=max_pending
+        partition=0, next_offset=next_offset, label_wait_s=WAIT if label_wait_s is None else label_wait_s,
+        max_pending=max_pending,
     )
 
 
@@ -74,17 +75,30 @@ def test_label_then_examples_join(examples):
     assert join.next_offset == 1
 
 
-def test_ready_batches_come_in_offset_order_behind_the_head(examples):
+def test_a_label_for_a_later_batch_means_the_head_label_will_not_come(examples):
+    """One teacher labels a partition in offset order: once b1's label is there, b0's never
+    will be, so b0 trains on hard labels at once instead of waiting label_wait."""
     join = new_join()
     b0, b1, b2 = examples(0), examples(1), examples(2)
     for off, b in enumerate((b0, b1, b2)):
         join.add_examples(b, off, now=0.0)
     join.add_label(label_for(b1, 1), 51, now=0.5)
     join.add_label(label_for(b2, 2), 52, now=0.5)
-    assert join.pop_ready(now=1.0) == []  # b1 and b2 are labelled but wait behind b0
-    join.add_label(label_for(b0, 0), 50, now=1.5)
-    assert outcomes(join.pop_ready(now=1.5)) == [("joined", 0), ("joined", 1), ("joined", 2)]
+    assert outcomes(join.pop_ready(now=0.5)) == [("missing", 0), ("joined", 1), ("joined", 2)]
     assert join.next_offset == 3
+    assert join.add_label(label_for(b0, 0), 50, now=1.5) == "late"
+
+
+def test_a_slow_teacher_is_waited_for_while_its_labels_flow(examples):
+    join = new_join(label_wait_s=1.0)
+    b0, b1 = examples(0), examples(1)
+    join.add_examples(b0, 0, now=0.0)
+    join.add_examples(b1, 1, now=0.0)
+    join.add_label(label_for(b0, 0), 50, now=0.9)
+    assert outcomes(join.pop_ready(now=0.9)) == [("joined", 0)]
+    # b1 arrived 1.5 s ago, but a label came 0.6 s ago: the teacher is alive, keep waiting
+    assert join.pop_ready(now=1.5) == []
+    assert outcomes(join.pop_ready(now=2.0)) == [("missing", 1)]  # labels stopped for label_wait
 
 
 # -- missing -----------------------------------------------------------------------------------
