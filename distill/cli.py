@@ -132,6 +132,7 @@ def produce(
     speedup: Annotated[Optional[float], typer.Option(help="Event-time speed-up of a replay (producer.speedup).")] = None,
     position_file: Annotated[Optional[Path], typer.Option(help="Resume a replay from here (producer.position_file).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz.")] = None,
+    hold: Annotated[bool, typer.Option(help="At the end of the data keep serving /metrics until SIGTERM.")] = False,
 ) -> None:
     """Run a producer service: stream a source into the examples topic."""
     from distill.progress import ProgressLog
@@ -149,6 +150,19 @@ def produce(
         _fail(exc)
     ProgressLog(cfg.progress_dir(), "producer", cfg.producer.producer_id).write_summary(result)
     typer.echo(f"produced {result['examples']:,} examples in {result['batches']:,} batches ({result['stopped']})")
+    if hold and result["stopped"] != "signal":
+        _hold(cfg.producer.producer_id, cfg.producer.metrics_port)
+
+
+def _hold(worker: str, port: int) -> None:
+    """Keep the final counters scrapeable (``distill up`` stops the producer with the rest)."""
+    from distill.service import Service
+
+    service = Service("producer", worker, port=port)
+    service.install_signal_handlers()
+    service.start_http()
+    service.set_ready(True, "finished; holding metrics")
+    service.run(lambda: not service.stopping.wait(0.5), lambda: None)
 
 
 @app.command()

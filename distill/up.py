@@ -116,6 +116,8 @@ class Pipeline:
         self.children: list[Child] = []
         self.prometheus: subprocess.Popen | None = None
         self.prometheus_url: str | None = None
+        self._prom_targets: set[str] = set()
+        self._prom_up: set[str] = set()  # scrape URLs seen up at least once
         self.stop_requested = False
 
     # -- set-up --------------------------------------------------------------------------------
@@ -149,7 +151,8 @@ class Pipeline:
                               py + ["student", "--name", s.name, "--config", str(config_path), "--metrics-port", str(port)],
                               port, logs / f"student-{s.name}.log", extra={"mode": s.mode}))
         port = free_port()
-        cmd = py + ["produce", self.source, "--config", str(config_path), "--metrics-port", str(port)]
+        # --hold: the producer keeps its final counters on /metrics until the run ends
+        cmd = py + ["produce", self.source, "--config", str(config_path), "--metrics-port", str(port), "--hold"]
         if self.examples:
             cmd += ["--examples", str(self.examples)]
         kids.append(Child("producer", self.config.producer.producer_id, cmd + self.producer_args, port,
@@ -164,13 +167,13 @@ class Pipeline:
             return
         state = self.config.state_dir / "prometheus"
         state.mkdir(parents=True, exist_ok=True)
+        jobs: dict[str, list[dict]] = {}
+        for c in self.children:  # one job per role, one target per process
+            jobs.setdefault(f"distill-{c.role}", []).append(
+                {"targets": [f"127.0.0.1:{c.port}"], "labels": {"worker": c.name}})
         scrape = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "5s"},
-            "scrape_configs": [
-                {"job_name": f"distill-{c.role}", "static_configs": [
-                    {"targets": [f"127.0.0.1:{c.port}"], "labels": {"role": c.role, "worker": c.name}}]}
-                for c in self.children
-            ],
+            "scrape_configs": [{"job_name": job, "static_configs": targets} for job, targets in jobs.items()],
         }
         (state / "prometheus.yml").write_text(yaml.safe_dump(scrape, sort_keys=False))
         port = free_port()
@@ -182,24 +185,31 @@ class Pipeline:
         self.prometheus_url = f"http://127.0.0.1:{port}"
         print(f"prometheus: {self.prometheus_url} (scraping {len(self.children)} processes)")
 
+    def _poll_prometheus(self) -> None:
+        """Remember every target Prometheus has scraped successfully (the producer may finish
+        and go away before the others)."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.prometheus_url}/api/v1/targets", timeout=1) as r:
+                active = json.load(r)["data"]["activeTargets"]
+        except (OSError, ValueError, KeyError):
+            return
+        self._prom_targets = {t["scrapeUrl"] for t in active}
+        self._prom_up |= {t["scrapeUrl"] for t in active if t["health"] == "up"}
+
     def _prometheus_targets(self) -> dict | None:
         if self.prometheus_url is None:
             return None
-        import urllib.request
-
         deadline = time.monotonic() + 20
-        result: dict = {"url": self.prometheus_url, "targets": 0, "up": 0}
         while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.prometheus_url}/api/v1/targets", timeout=2) as r:
-                    active = json.load(r)["data"]["activeTargets"]
-                result.update(targets=len(active), up=sum(1 for t in active if t["health"] == "up"))
-                if result["targets"] == len(self.children) and result["up"] == result["targets"]:
-                    break
-            except OSError:
-                pass
+            if self.prometheus is not None and self.prometheus.poll() is not None:
+                return {"url": self.prometheus_url, "error": f"prometheus exited with code {self.prometheus.returncode}"}
+            self._poll_prometheus()
+            if self._prom_targets and self._prom_up >= self._prom_targets:
+                break
             time.sleep(0.5)
-        return result
+        return {"url": self.prometheus_url, "targets": len(self._prom_targets), "up": len(self._prom_up)}
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -215,6 +225,8 @@ class Pipeline:
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", "1")  # several torch processes share the cores
             env.pop("DISTILL_CONFIG", None)
+            if self.want_prometheus:
+                self._start_prometheus()
             # Teacher first, then students, then the producer, each once ready: students that
             # start before the teacher would time out on labels that are only late.
             for role in ("teacher", "student", "producer"):
@@ -225,8 +237,6 @@ class Pipeline:
                     failed = self._wait_ready(group)
                     if failed is not None:
                         break
-            if self.want_prometheus:
-                self._start_prometheus()
             print(f"pipeline up on {self.bootstrap}: producer, teacher, {len(self.config.students)} students; "
                   f"logs in {self.config.state_dir / 'logs'}", flush=True)
             if failed is None:
@@ -291,8 +301,6 @@ class Pipeline:
 
     def _done(self, status: dict[str, dict]) -> bool:
         producer = next(c for c in self.children if c.role == "producer")
-        if producer.poll() != 0:
-            return False
         summary = _read_json(self.config.progress_dir() / f"producer-{producer.name}.summary.json") or {}
         produced = summary.get("examples")
         if produced is None:
@@ -316,6 +324,8 @@ class Pipeline:
                     if code is not None and (code != 0 or child.role != "producer"):
                         return child
                 status = self.status()
+                if self.prometheus_url:
+                    self._poll_prometheus()
                 if view:
                     view.update(status)
                 if self._done(status):

@@ -1,0 +1,70 @@
+"""The student worker against the same model's distillation loop on batches in memory.
+
+The stream is labelled by a teacher first; then an `aux` student consumes both topics, joins,
+scores and trains. The baseline runs the same model's forward, aux loss and step on the same
+decoded batches with the same teacher logits. Target ratio at least 0.9.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from bench.workers import read_batches, stream, timed_steps
+from distill.losses import student_loss
+from distill.models import RankingModel, batch_tensors
+from student_worker.worker import StudentWorker
+from teacher_worker.worker import TeacherWorker
+
+EXAMPLES = 120_000
+
+
+def in_memory_rate(cfg, batches, logits) -> float:
+    sc = cfg.student("aux")
+    torch.manual_seed(0)
+    names = [t.name for t in cfg.tasks]
+    model = RankingModel(cfg.features, cfg.tasks, sc.model, aux_tasks=names)
+    opt = torch.optim.Adam(model.parameters(), lr=sc.model.learning_rate)
+    kinds = [t.type for t in cfg.tasks]
+    cpu = torch.device("cpu")
+    started = time.perf_counter()
+    for b, t in zip(batches, logits):
+        cat, dense, y = batch_tensors([b], cpu)
+        main, aux = model(cat, dense)
+        loss, _ = student_loss("aux", main, aux, y, torch.from_numpy(t), kinds, [0, 1], sc.soft_weight, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return sum(b.size for b in batches) / (time.perf_counter() - started)
+
+
+def run() -> list[dict]:
+    with stream(EXAMPLES, students=[{"name": "aux", "mode": "aux", "soft_weight": 1.0}]) as cfg:
+        teacher = TeacherWorker(cfg)
+        teacher.start()
+        while teacher.examples_trained < EXAMPLES:
+            teacher.step()
+        teacher.close()
+        batches = read_batches(cfg)
+        logits = [np.zeros((b.size, 2), dtype=np.float32) + 0.1 for b in batches]
+        base_before = in_memory_rate(cfg, batches, logits)
+        student = StudentWorker(cfg, "aux")
+        student.start()
+
+        def step() -> bool:
+            before = student.counts["examples_trained"]
+            student.step()
+            return student.counts["examples_trained"] > before
+
+        seconds = timed_steps(step, lambda: student.counts["examples_trained"] >= EXAMPLES)
+        student.close()
+        base_after = in_memory_rate(cfg, batches, logits)
+    worker = EXAMPLES / seconds
+    base = (base_before + base_after) / 2
+    return [
+        {"name": "student worker (aux)", "value": worker, "unit": "examples/s", "ratio": worker / base,
+         "vs": "same model distillation loop in memory"},
+        {"name": "student model in memory (aux)", "value": base, "unit": "examples/s"},
+    ]

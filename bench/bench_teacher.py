@@ -1,0 +1,67 @@
+"""The teacher worker against the same model's predict+train loop on batches in memory.
+
+The worker consumes, decodes, predicts, publishes labels and commits a Kafka transaction per
+step, then trains; the baseline runs only the model's predict (no gradients) and train step on
+the same decoded batches. The ratio is the share of the model's own speed the service keeps
+(target at least 0.85).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench.workers import read_batches, stream, timed_steps
+from distill.losses import hard_losses
+from distill.models import RankingModel, batch_tensors
+from teacher_worker.worker import TeacherWorker
+
+EXAMPLES = 60_000
+
+
+def in_memory_rate(cfg, batches) -> float:
+    torch.manual_seed(0)
+    model = RankingModel(cfg.features, cfg.tasks, cfg.teacher.model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.teacher.model.learning_rate)
+    kinds = [t.type for t in cfg.tasks]
+    cpu = torch.device("cpu")
+    started = time.perf_counter()
+    for b in batches:
+        cat, dense, y = batch_tensors([b], cpu)
+        model.eval()
+        with torch.no_grad():
+            model(cat, dense)
+        model.train()
+        opt.zero_grad()
+        torch.stack(hard_losses(model(cat, dense)[0], y, kinds)).sum().backward()
+        opt.step()
+    return sum(b.size for b in batches) / (time.perf_counter() - started)
+
+
+def worker_rate(cfg) -> float:
+    teacher = TeacherWorker(cfg)
+    teacher.start()
+
+    def step() -> bool:
+        before = teacher.examples_labeled
+        teacher.step()
+        return teacher.examples_labeled > before
+
+    seconds = timed_steps(step, lambda: teacher.examples_trained >= EXAMPLES)
+    teacher.close()
+    return EXAMPLES / seconds
+
+
+def run() -> list[dict]:
+    with stream(EXAMPLES) as cfg:
+        batches = read_batches(cfg)
+        base_before = in_memory_rate(cfg, batches)
+        worker = worker_rate(cfg)
+        base_after = in_memory_rate(cfg, batches)
+    base = (base_before + base_after) / 2
+    return [
+        {"name": "teacher worker", "value": worker, "unit": "examples/s", "ratio": worker / base,
+         "vs": "same model predict+train in memory"},
+        {"name": "teacher model in memory", "value": base, "unit": "examples/s"},
+    ]
