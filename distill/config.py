@@ -118,7 +118,7 @@ class ModelConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    every_batches: int = Field(default=200, ge=1)
+    every_batches: int = Field(default=1000, ge=1)
     every_seconds: float = Field(default=30.0, gt=0)
     keep: int = Field(default=3, ge=1)
 
@@ -139,7 +139,7 @@ class TeacherConfig(_Strict):
     device: Device = "auto"
     group_id: str = "teacher"
     # Several example batches share one forward pass and one transaction.
-    max_batches_per_step: int = Field(default=8, ge=1)
+    max_batches_per_step: int = Field(default=16, ge=1)
     poll_timeout_s: float = Field(default=0.2, gt=0)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics_port: int = Field(default=0, ge=0, le=65535)

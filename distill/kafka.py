@@ -228,3 +228,16 @@ def needs_abort(exc: KafkaException) -> bool:
 
 def broker_down(err: KafkaError) -> bool:
     return err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._TIMED_OUT)
+
+
+def consume_available(consumer: Consumer, max_messages: int, timeout: float) -> list[Message]:
+    """Up to ``max_messages`` without waiting for a full batch: ``consume(n, t)`` blocks until
+    it has n messages or t passes, which would stall a worker whenever the prefetch runs low.
+    Waits up to ``timeout`` only when nothing at all is there."""
+    msgs = consumer.consume(max_messages, 0)
+    if msgs:
+        return msgs
+    msgs = consumer.consume(1, timeout)
+    if msgs and max_messages > 1:
+        msgs += consumer.consume(max_messages - 1, 0)
+    return msgs

@@ -26,7 +26,7 @@ from distill.dead_letters import DeadLetters
 from distill.evaluation import ProgressiveEvaluator
 from distill.exceptions import DecodeError
 from distill.export import export_serving_model
-from distill.kafka import Clients, broker_down, check_partitions, lag, partitions_at
+from distill.kafka import Clients, broker_down, check_partitions, consume_available, lag, partitions_at
 from distill.losses import student_loss
 from distill.models import RankingModel, autocast, batch_tensors, resolve_device, weights_finite
 from distill.progress import ProgressLog
@@ -54,6 +54,9 @@ class StudentWorker:
         torch.manual_seed(sc.model.seed)
         aux = [self.task_names[i] for i in self.distilled] if sc.mode == "aux" else None
         self.model = RankingModel(config.features, config.tasks, sc.model, aux_tasks=aux).to(self.device)
+        # Always in training mode: each batch is scored by the training forward pass itself,
+        # before the optimizer step (the model family has no dropout by default).
+        self.model.train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=sc.model.learning_rate, weight_decay=sc.model.weight_decay)
         self.codec = Codec(config.wire.non_finite)
         self.clients = Clients(config.kafka, f"student.{name}")
@@ -208,7 +211,7 @@ class StudentWorker:
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> bool:
-        msgs = self.consumer.consume(num_messages=64, timeout=self.sc.poll_timeout_s)
+        msgs = consume_available(self.consumer, 64, self.sc.poll_timeout_s)
         now = time.monotonic()
         topics = self.config.topics
         for msg in msgs:
@@ -270,13 +273,18 @@ class StudentWorker:
             m.STUDENT_JOIN.labels(self.name, outcome).inc()
 
     def _train_ready(self, ready: list[Ready]) -> int:
-        """Train on ready batches in offset order, one optimizer step per example batch."""
-        n = 0
+        """Train on ready batches in offset order, one optimizer step per example batch; the
+        progressive metrics and counters are updated once for all of them."""
+        if not ready:
+            return 0
+        scored: list[tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]] = []
+        losses: dict[str, torch.Tensor] = {}
         for r in ready:
             if r.label is not None and not self._label_matches(r):
                 r.label = None
-            n += self._train_group([r], r.label is not None)
-        return n
+            scored.append(self._train_one(r, losses))
+        self._account(ready, scored, losses)
+        return sum(r.examples.batch.size for r in ready)
 
     def _label_matches(self, r: Ready) -> bool:
         label, batch = r.label.label, r.examples.batch
@@ -288,50 +296,61 @@ class StudentWorker:
                 f"({label.size} vs {batch.size} examples or another id checksum)"))
         return False
 
-    def _train_group(self, group: list[Ready], has_label: bool) -> int:
-        batches = [r.examples.batch for r in group]
-        cat, dense, labels = batch_tensors(batches, self.device)
-        teacher_np = np.concatenate([r.label.label.logits for r in group]) if has_label else None
-        teacher = torch.from_numpy(teacher_np).to(self.device) if has_label else None
-        self.model.train()
+    def _train_one(self, r: Ready, losses: dict[str, torch.Tensor]):
+        """One step on one batch; returns its pre-step outputs for progressive validation."""
+        batch = r.examples.batch
+        cat, dense, labels = batch_tensors([batch], self.device)
+        teacher_np = r.label.label.logits if r.label is not None else None
+        teacher = torch.from_numpy(np.array(teacher_np)).to(self.device) if teacher_np is not None else None
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device):
             main, aux = self.model(cat, dense)
-        # Progressive validation: these outputs come from the weights before this step.
-        labels_np = labels.cpu().numpy()
-        self.evaluator.update("main", main.detach().float().cpu().numpy(), labels_np)
-        if aux is not None:
-            self.evaluator.update("aux", aux.detach().float().cpu().numpy(), labels_np, self.distilled)
-        if teacher_np is not None:
-            self.evaluator.update("teacher", teacher_np, labels_np)
+        # These outputs come from the weights before this step: predict-before-train.
+        out = (main.detach().float().cpu().numpy(),
+               None if aux is None else aux.detach().float().cpu().numpy(),
+               batch.labels, teacher_np)
         loss, parts = student_loss(self.sc.mode, main, aux, labels, teacher, self.kinds, self.distilled,
                                    self.sc.soft_weight, self.sc.temperature)
         if torch.isfinite(loss):
             loss.backward()
             self.optimizer.step()
-            for key, value in parts.items():
-                i, head = key.split(".")
-                m.STUDENT_LOSS.labels(self.name, self.task_names[int(i)], head).set(value.item())
+            losses.update(parts)
         else:
             m.STUDENT_NAN.labels(self.name).inc()
-            log.warning("non-finite loss: training step skipped")
-        outcome = "joined" if has_label else "missing"
-        n = int(labels.shape[0])
-        for r in group:
+            log.warning("non-finite loss: training step skipped", extra={"batch_id": batch.batch_id})
+        return out
+
+    def _account(self, ready: list[Ready], scored: list, losses: dict[str, torch.Tensor]) -> None:
+        labels = np.concatenate([s[2] for s in scored])
+        self.evaluator.update("main", np.concatenate([s[0] for s in scored]), labels)
+        if scored[0][1] is not None:
+            self.evaluator.update("aux", np.concatenate([s[1] for s in scored]), labels, self.distilled)
+        joined = [s for s in scored if s[3] is not None]
+        if joined:
+            self.evaluator.update("teacher", np.concatenate([s[3] for s in joined]),
+                                  np.concatenate([s[2] for s in joined]))
+        for key, value in losses.items():
+            i, head = key.split(".")
+            m.STUDENT_LOSS.labels(self.name, self.task_names[int(i)], head).set(value.item())
+        for r in ready:
+            has_label = r.label is not None
             self.trained_batch_ids.append(r.examples.batch.batch_id)
             self.recent_outcomes.append(has_label)
             if has_label:
-                delay = max(0.0, r.label.arrived - r.examples.arrived)
-                m.STUDENT_LABEL_DELAY.labels(self.name).observe(delay)
-        self.counts[outcome] += len(group)
+                m.STUDENT_LABEL_DELAY.labels(self.name).observe(max(0.0, r.label.arrived - r.examples.arrived))
+        n_joined = len(joined)
+        n_missing = len(ready) - n_joined
+        n = int(labels.shape[0])
+        self.counts["joined"] += n_joined
+        self.counts["missing"] += n_missing
         self.counts["examples_trained"] += n
-        self.counts["batches_trained"] += len(group)
-        self.batches_since_ckpt += len(group)
-        m.STUDENT_JOIN.labels(self.name, outcome).inc(len(group))
+        self.counts["batches_trained"] += len(ready)
+        self.batches_since_ckpt += len(ready)
+        m.STUDENT_JOIN.labels(self.name, "joined").inc(n_joined)
+        m.STUDENT_JOIN.labels(self.name, "missing").inc(n_missing)
         m.STUDENT_EXAMPLES.labels(self.name).inc(n)
-        m.STUDENT_BATCHES.labels(self.name).inc(len(group))
+        m.STUDENT_BATCHES.labels(self.name).inc(len(ready))
         m.STUDENT_COVERAGE.labels(self.name).set(sum(self.recent_outcomes) / len(self.recent_outcomes))
-        return n
 
     def _backpressure(self) -> None:
         """Pause a topic's partition whose side of the join is full; resume when it drains."""

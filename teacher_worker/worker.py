@@ -28,7 +28,7 @@ from distill.checkpoint import Checkpointer
 from distill.config import Config
 from distill.dead_letters import DeadLetters
 from distill.exceptions import DecodeError
-from distill.kafka import Clients, broker_down, ensure_topics, is_retriable, lag, needs_abort, partitions_at
+from distill.kafka import Clients, broker_down, consume_available, ensure_topics, is_retriable, lag, needs_abort, partitions_at
 from distill.losses import hard_losses
 from distill.evaluation import ProgressiveEvaluator
 from distill.models import RankingModel, autocast, batch_tensors, resolve_device, weights_finite
@@ -155,8 +155,8 @@ class TeacherWorker:
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
-        msgs = self.consumer.consume(num_messages=self.config.teacher.max_batches_per_step,
-                                     timeout=self.config.teacher.poll_timeout_s)
+        msgs = consume_available(self.consumer, self.config.teacher.max_batches_per_step,
+                                 self.config.teacher.poll_timeout_s)
         good: list[tuple[object, ExampleBatch]] = []
         records = []
         for msg in msgs:
