@@ -100,7 +100,14 @@ class WireConfig(_Strict):
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
 
+ModelKind = Literal["ranking", "null"]
+
+
 class ModelConfig(_Strict):
+    # "ranking": the real model. "null": transport benchmarks only (bench/bench_pipeline.py):
+    # a teacher publishes all-zero logits without a forward pass or training; a student joins,
+    # counts, checkpoints and commits without a forward pass, training or evaluation.
+    kind: ModelKind = "ranking"
     embedding_dim: int = Field(default=16, ge=1)
     hidden: list[int] = Field(default_factory=lambda: [256, 128])
     cross_layers: int = Field(default=1, ge=0)

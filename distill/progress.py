@@ -25,18 +25,24 @@ def _clean(value: Any) -> Any:
 
 
 class ProgressLog:
-    def __init__(self, directory: Path, role: str, name: str, every_s: float = 1.0):
+    def __init__(self, directory: Path, role: str, name: str, every_s: float = 1.0,
+                 every_examples: int = 5000):
         directory.mkdir(parents=True, exist_ok=True)
         self.lines = directory / f"{role}-{name}.jsonl"
         self.summary = directory / f"{role}-{name}.summary.json"
         self.every_s = every_s
-        self._last = 0.0
+        # also by stream position, so that a fast worker's curve still has points
+        self.every_examples = every_examples
+        self._last = float("-inf")
+        self._last_examples = 0
 
-    def due(self) -> bool:
-        return time.monotonic() - self._last >= self.every_s
+    def due(self, examples: int = 0) -> bool:
+        return (time.monotonic() - self._last >= self.every_s
+                or examples - self._last_examples >= self.every_examples)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], examples: int = 0) -> None:
         self._last = time.monotonic()
+        self._last_examples = examples
         with open(self.lines, "a") as f:
             f.write(json.dumps(_clean({"ts": time.time(), **record})) + "\n")
 

@@ -49,6 +49,8 @@ class StudentWorker:
         self.device = resolve_device(sc.device)
         self.kinds = [t.type for t in config.tasks]
         self.task_names = [t.name for t in config.tasks]
+        # model.kind "null" (transport benchmark): join, count, checkpoint and commit only.
+        self.null = sc.model.kind == "null"
         distilled = sc.distill_tasks if sc.distill_tasks is not None else self.task_names
         self.distilled = [self.task_names.index(t) for t in distilled]
         torch.manual_seed(sc.model.seed)
@@ -242,8 +244,8 @@ class StudentWorker:
         self._backpressure()
         if self._checkpoint_due():
             self.checkpoint()
-        if self.progress.due():
-            self.progress.write(self.snapshot())
+        if self.progress.due(self.counts["examples_trained"]):
+            self.progress.write(self.snapshot(), self.counts["examples_trained"])
             self._export_gauges()
         return True
 
@@ -299,8 +301,10 @@ class StudentWorker:
     def _train_one(self, r: Ready, losses: dict[str, torch.Tensor]):
         """One step on one batch; returns its pre-step outputs for progressive validation."""
         batch = r.examples.batch
-        cat, dense, labels = batch_tensors([batch], self.device)
         teacher_np = r.label.label.logits if r.label is not None else None
+        if self.null:  # transport benchmark: no forward pass, no training
+            return None, None, batch.labels, teacher_np
+        cat, dense, labels = batch_tensors([batch], self.device)
         teacher = torch.from_numpy(np.array(teacher_np)).to(self.device) if teacher_np is not None else None
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device):
@@ -322,13 +326,14 @@ class StudentWorker:
 
     def _account(self, ready: list[Ready], scored: list, losses: dict[str, torch.Tensor]) -> None:
         labels = np.concatenate([s[2] for s in scored])
-        self.evaluator.update("main", np.concatenate([s[0] for s in scored]), labels)
-        if scored[0][1] is not None:
-            self.evaluator.update("aux", np.concatenate([s[1] for s in scored]), labels, self.distilled)
         joined = [s for s in scored if s[3] is not None]
-        if joined:
-            self.evaluator.update("teacher", np.concatenate([s[3] for s in joined]),
-                                  np.concatenate([s[2] for s in joined]))
+        if not self.null:  # a null student has no outputs to score
+            self.evaluator.update("main", np.concatenate([s[0] for s in scored]), labels)
+            if scored[0][1] is not None:
+                self.evaluator.update("aux", np.concatenate([s[1] for s in scored]), labels, self.distilled)
+            if joined:
+                self.evaluator.update("teacher", np.concatenate([s[3] for s in joined]),
+                                      np.concatenate([s[2] for s in joined]))
         for key, value in losses.items():
             i, head = key.split(".")
             m.STUDENT_LOSS.labels(self.name, self.task_names[int(i)], head).set(value.item())

@@ -62,6 +62,8 @@ class TeacherWorker:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.model.learning_rate, weight_decay=tc.model.weight_decay)
         self.kinds = [t.type for t in config.tasks]
         self.task_names = [t.name for t in config.tasks]
+        # model.kind "null" (transport benchmark): zero logits, no forward pass, no training.
+        self.null = tc.model.kind == "null"
         self.codec = Codec(config.wire.non_finite)
         self.clients = Clients(config.kafka, f"teacher.{self.name}")
         self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, self.name), tc.checkpoint.keep)
@@ -180,7 +182,7 @@ class TeacherWorker:
             log.warning("transaction failed, aborting and rewinding", extra={"error": str(exc)})
             self._abort_and_rewind(records)
             return True
-        if good:
+        if good and not self.null:
             self.evaluator.update("main", *self._scored)
             self._train([b for _, b in good])
         for msg in records:
@@ -192,7 +194,7 @@ class TeacherWorker:
         m.TEACHER_THROUGHPUT.labels(self.name).set(self._throughput.update(sum(b.size for _, b in good), elapsed))
         if self._checkpoint_due():
             self.checkpoint()
-        if self.progress.due():
+        if self.progress.due(self.examples_labeled):
             self._write_progress()
         return True
 
@@ -217,11 +219,14 @@ class TeacherWorker:
 
     def _publish_labels(self, good: list[tuple[object, ExampleBatch]]) -> None:
         batches = [b for _, b in good]
-        cat, dense, _ = batch_tensors(batches, self.device)
-        self.model.eval()
-        with torch.no_grad(), autocast(self.device):
-            main, _ = self.model(cat, dense)
-        logits = main.float().cpu().numpy()
+        if self.null:  # transport benchmark: no forward pass
+            logits = np.zeros((sum(b.size for b in batches), len(self.task_names)), dtype=np.float32)
+        else:
+            cat, dense, _ = batch_tensors(batches, self.device)
+            self.model.eval()
+            with torch.no_grad(), autocast(self.device):
+                main, _ = self.model(cat, dense)
+            logits = main.float().cpu().numpy()
         labels = np.concatenate([b.labels for b in batches])
         self._scored = (logits, labels)  # added to the metrics once the transaction commits
         start = 0
@@ -321,7 +326,7 @@ class TeacherWorker:
         }
 
     def _write_progress(self) -> None:
-        self.progress.write(self.snapshot())
+        self.progress.write(self.snapshot(), self.examples_labeled)
 
     def close(self) -> None:
         try:

@@ -24,22 +24,15 @@ def _up(tmp_path: Path, *args: str, timeout: float = 420) -> tuple[subprocess.Co
     return done, json.loads((report / "report.json").read_text())
 
 
-# One partition and one example batch per teacher step make the run deterministic: every model
-# sees the same batches in the same order from the same seeds, whatever the timing.
-DETERMINISTIC = """
-[topics]
-partitions = 1
-[teacher]
-max_batches_per_step = 1
-"""
+# The README's reproducible scenario: one partition and one example batch per teacher step, so
+# every model sees the same batches in the same order from the same seeds, whatever the timing.
+SCENARIO = Path(__file__).resolve().parents[2] / "examples" / "synthetic-drift.toml"
 
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("up")
-    config = tmp / "config.toml"
-    config.write_text(DETERMINISTIC)
-    _done, report = _up(tmp, "--source", "synthetic", "--examples", str(EXAMPLES), "--config", str(config))
+    _done, report = _up(tmp, "--source", "synthetic", "--examples", str(EXAMPLES), "--config", str(SCENARIO))
     return report
 
 
