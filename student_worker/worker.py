@@ -69,6 +69,9 @@ class StudentWorker:
         self.joins: dict[int, PartitionJoin] = {}
         self.offsets: dict[int, dict[str, int]] = {}  # checkpointed: examples/labels_resume/labels_seen
         self.label_position: dict[int, int] = {}  # next label offset read, per partition
+        # Where the in-memory model stands on partitions handed back without a checkpoint
+        # (a failed write, a lost assignment): used if they come back to this process.
+        self.live_offsets: dict[int, dict[str, int]] = {}
         self.counts = {"examples_trained": 0, "batches_trained": 0, "joined": 0, "missing": 0, "late": 0, "duplicate": 0}
         self.trained_batch_ids: deque[str] = deque(maxlen=100_000)  # for tests and audits (checkpointed)
         self.batches_since_ckpt = 0
@@ -101,6 +104,7 @@ class StudentWorker:
 
     def _current_offsets(self) -> dict[int, dict[str, int]]:
         offsets = {p: dict(o) for p, o in self.offsets.items()}
+        offsets.update({p: dict(o) for p, o in self.live_offsets.items()})
         for p, join in self.joins.items():
             seen = self.label_position.get(p, offsets.get(p, {}).get("labels_seen", 0))
             offsets[p] = {
@@ -140,6 +144,7 @@ class StudentWorker:
             return False
         self.version = version
         self.offsets = offsets
+        self.live_offsets.clear()
         self.batches_since_ckpt = 0
         self.last_ckpt = time.monotonic()
         m.STUDENT_CKPT_AGE.labels(self.name).set(time.time())
@@ -183,8 +188,10 @@ class StudentWorker:
     def _on_assign(self, consumer, partitions) -> None:
         topics = self.config.topics
         for tp in partitions:
-            saved = self.offsets.get(tp.partition)
-            if saved is not None:  # the checkpoint's offsets win
+            # The model's own position wins over the group's: in memory if this process has
+            # trained past its last checkpoint, else the checkpoint's.
+            saved = self.live_offsets.get(tp.partition) or self.offsets.get(tp.partition)
+            if saved is not None:
                 tp.offset = saved["examples"] if tp.topic == topics.examples else saved["labels_resume"]
             if tp.topic == topics.examples and tp.partition not in self.joins:
                 start = saved["examples"] if saved else 0
@@ -202,10 +209,15 @@ class StudentWorker:
         self._drop(revoked)
 
     def _on_lost(self, consumer, partitions) -> None:
-        self._drop({tp.partition for tp in partitions if tp.topic == self.config.topics.examples})
+        # A lost assignment (session expired, e.g. a stalled broker) is handed back like a
+        # revoked one: the model trained on these batches, so its position must be kept.
+        self._on_revoke(consumer, partitions)
 
     def _drop(self, partitions: set[int]) -> None:
+        current = self._current_offsets()
         for p in partitions:
+            if p in self.joins and self.batches_since_ckpt:
+                self.live_offsets[p] = current[p]
             self.joins.pop(p, None)
             self.label_position.pop(p, None)
             self.paused = {(t, q) for t, q in self.paused if q != p}
