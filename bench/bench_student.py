@@ -14,7 +14,7 @@ import torch
 
 from bench.workers import read_batches, stream, timed_steps
 from distill.losses import student_loss
-from distill.models import RankingModel, batch_tensors
+from distill.models import RankingModel, batch_tensors, make_optimizer
 from student_worker.worker import StudentWorker
 from teacher_worker.worker import TeacherWorker
 
@@ -26,7 +26,7 @@ def in_memory_rate(cfg, batches, logits) -> float:
     torch.manual_seed(0)
     names = [t.name for t in cfg.tasks]
     model = RankingModel(cfg.features, cfg.tasks, sc.model, aux_tasks=names)
-    opt = torch.optim.Adam(model.parameters(), lr=sc.model.learning_rate)
+    opt = make_optimizer(model, sc.model)
     kinds = [t.type for t in cfg.tasks]
     cpu = torch.device("cpu")
     started = time.perf_counter()

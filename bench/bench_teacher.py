@@ -14,7 +14,7 @@ import torch
 
 from bench.workers import read_batches, stream, timed_steps
 from distill.losses import hard_losses
-from distill.models import RankingModel, batch_tensors
+from distill.models import RankingModel, batch_tensors, make_optimizer
 from teacher_worker.worker import TeacherWorker
 
 EXAMPLES = 60_000
@@ -23,7 +23,7 @@ EXAMPLES = 60_000
 def in_memory_rate(cfg, batches) -> float:
     torch.manual_seed(0)
     model = RankingModel(cfg.features, cfg.tasks, cfg.teacher.model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.teacher.model.learning_rate)
+    opt = make_optimizer(model, cfg.teacher.model)
     kinds = [t.type for t in cfg.tasks]
     cpu = torch.device("cpu")
     started = time.perf_counter()

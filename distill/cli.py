@@ -193,6 +193,49 @@ def up(
     raise typer.Exit(code)
 
 
+@app.command()
+def sweep(
+    candidates: Annotated[Path, typer.Option("--candidates", help="TOML or YAML: [[candidates]] (a name and a partial teacher model) and/or a [grid].")],
+    config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
+    from_offset: Annotated[Optional[str], typer.Option(help="First offset: 1200 for every partition, or 0:1200,1:800.")] = None,
+    to_offset: Annotated[Optional[str], typer.Option(help="End offset (exclusive), same forms.")] = None,
+    from_time: Annotated[Optional[str], typer.Option(help="Start: ISO 8601 (UTC unless it says), epoch ms, or now-2h.")] = None,
+    to_time: Annotated[Optional[str], typer.Option(help="End (exclusive); default: now.")] = None,
+    time_kind: Annotated[str, typer.Option(help="kafka (message timestamps) or event (the batches' event times).")] = "kafka",
+    budget_examples: Annotated[Optional[int], typer.Option(help="At most N examples processed over all candidates.")] = None,
+    budget_seconds: Annotated[Optional[float], typer.Option(help="Stop after S seconds.")] = None,
+    warmup: Annotated[float, typer.Option(help="Share of the window every candidate trains on before scoring starts.")] = 0.3,
+    objective: Annotated[str, typer.Option(help="gain, gain-per-gflop or gain-per-second: what halving keeps.")] = "gain",
+    task: Annotated[Optional[str], typer.Option(help="Task the gain is measured on (default: the first binary task).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Where sweep.json and winner-teacher.toml go (default: <state_dir>/sweeps/<run id>).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: teacher.device).")] = None,
+    max_window_mb: Annotated[int, typer.Option(help="Refuse a window larger than this in memory.")] = 2048,
+) -> None:
+    """Rank candidate teachers on a retained window of the examples topic (successive halving)."""
+    from rich.console import Console
+
+    from distill.sweep import Window, render_table, run_sweep
+
+    try:
+        cfg = _load(config, bootstrap)
+        window = Window.parse(from_offset, to_offset, from_time, to_time, time_kind)
+        report = run_sweep(cfg, candidates, window, budget_examples=budget_examples,
+                           budget_seconds=budget_seconds, output=output, objective=objective,
+                           task=task, device=device, warmup=warmup, max_window_mb=max_window_mb)
+    except DistillError as exc:
+        _fail(exc)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a pipe or a file: do not squeeze the table into 80 columns
+    console.print(render_table(report))
+    typer.echo(f"report: {report['output']}/sweep.json")
+    if report["winner"] is None:
+        typer.secho("no winner: the budget ran out before every candidate was scored once",
+                    err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    typer.echo(f"winner: {report['winner']}; its teacher model: {report['winner_file']}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
     app()

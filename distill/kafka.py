@@ -107,6 +107,9 @@ class Clients:
             # Small per-partition fetches interleave the partitions: a model that reads one
             # partition's whole backlog before the next jumps back and forth in event time.
             "max.partition.fetch.bytes": 256 * 1024,
+            # A fetch that waits for data is not answered early by the embedded broker: the
+            # default 500 ms wait would then be added to every label delay.
+            "fetch.wait.max.ms": 25,
             "enable.partition.eof": False,
         }
         return Consumer(conf | overrides)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distill.losses import hard_losses
-from distill.models import RankingModel, batch_tensors
+from distill.models import RankingModel, batch_tensors, make_optimizer
 from distill.wire import Codec, ids_checksum
 from teacher_worker.worker import TeacherWorker
 from tests.integration.workers import (
@@ -60,7 +60,7 @@ def test_labels_are_out_of_sample(make_config):
 
     torch.manual_seed(config.teacher.model.seed)
     replica = RankingModel(config.features, config.tasks, config.teacher.model)
-    opt = torch.optim.Adam(replica.parameters(), lr=config.teacher.model.learning_rate)
+    opt = make_optimizer(replica, config.teacher.model)
     kinds = [t.type for t in config.tasks]
     moved = 0
     for batch, (_, _, lb) in zip(batches, labels):
