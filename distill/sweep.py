@@ -295,7 +295,24 @@ def proxy_student(config: Config) -> tuple[StudentConfig, str | None]:
     return StudentConfig(name="proxy", mode="aux", soft_weight=1.0), None
 
 
-class CandidateArm:
+class _ProxyScores:
+    """The proxy student's progressive loss, per halving slice and in total."""
+
+    student: ProxyStudent
+    task: str
+    metric: str
+
+    def new_slice(self) -> None:
+        self.student.scores.new_slice()
+
+    def slice_loss(self) -> float:
+        return _Scores.get(self.student.scores.slice, self.task, self.metric)
+
+    def total_loss(self) -> float:
+        return _Scores.get(self.student.scores.total, self.task, self.metric)
+
+
+class CandidateArm(_ProxyScores):
     """A candidate teacher and the proxy student that distils from it."""
 
     def __init__(self, config: Config, candidate: Candidate, proxy: StudentConfig,
@@ -319,22 +336,13 @@ class CandidateArm:
         self.student_s += time.perf_counter() - middle
         self.examples += b.size
 
-    def new_slice(self) -> None:
-        self.student.scores.new_slice()
-
-    def slice_loss(self) -> float:
-        return _Scores.get(self.student.scores.slice, self.task, self.metric)
-
-    def total_loss(self) -> float:
-        return _Scores.get(self.student.scores.total, self.task, self.metric)
-
     def cost(self) -> dict[str, float]:
         flops = TRAIN_PASSES * self.teacher.model.flops_per_example
         per_1k = 1000 * self.teacher_s / self.examples if self.examples else float("nan")
         return {"gflop_per_1k": flops * 1000 / 1e9, "seconds_per_1k": per_1k}
 
 
-class BaselineArm:
+class BaselineArm(_ProxyScores):
     """The ``none`` proxy student, shared by every candidate: trained once on the window."""
 
     name = "none"
@@ -348,15 +356,6 @@ class BaselineArm:
     def step(self, b: _Tensors) -> None:
         self.student.step(b, None)
         self.examples += b.size
-
-    def new_slice(self) -> None:
-        self.student.scores.new_slice()
-
-    def slice_loss(self) -> float:
-        return _Scores.get(self.student.scores.slice, self.task, self.metric)
-
-    def total_loss(self) -> float:
-        return _Scores.get(self.student.scores.total, self.task, self.metric)
 
     def cost(self) -> dict[str, float]:
         return {"gflop_per_1k": 0.0, "seconds_per_1k": 0.0}
