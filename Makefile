@@ -27,6 +27,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# A few minutes of the whole pipeline at full speed: memory stays bounded, lag returns to zero.
+soak: $(STAMP)
+	$(BIN)/python -m tests.faults.soak --duration 150 --drain 180
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -70,6 +70,7 @@ class Service:
         self._ready = False
         self._ready_reason = "starting"
         self._server: ThreadingHTTPServer | None = None
+        self._running = False  # True once run() loops: a stop before that exits at once
         m.BUILD.info({"version": __version__, "role": role, "worker": worker})
 
     # -- health ------------------------------------------------------------------------------
@@ -133,6 +134,10 @@ class Service:
                 os._exit(130)
             log.info("stop requested", extra={"signal": signal.Signals(signum).name})
             self.stopping.set()
+            if not self._running:
+                # Still starting (waiting for the broker, say): nothing trained, nothing to
+                # save; leave now rather than retry until the stop deadline kills the process.
+                raise SystemExit(0)
             # A stop must not hang forever (a broker that never answers a commit, say).
             timer = threading.Timer(self.stop_deadline_s, self._deadline_passed)
             timer.daemon = True
@@ -148,6 +153,7 @@ class Service:
 
     def run(self, step: Callable[[], bool], close: Callable[[], None]) -> None:
         """Call ``step`` until a stop is requested or it returns False; then ``close`` once."""
+        self._running = True
         try:
             while not self.stopping.is_set():
                 self.heartbeat()

@@ -104,8 +104,9 @@ def _check_finite(arr: np.ndarray, names: list[str], what: str, policy: NonFinit
 class Codec:
     """Encodes and decodes the three message kinds. One instance per worker; stateless otherwise."""
 
-    def __init__(self, non_finite: NonFinitePolicy = "reject"):
+    def __init__(self, non_finite: NonFinitePolicy = "reject", max_message_bytes: int | None = None):
         self.non_finite = non_finite
+        self.max_message_bytes = max_message_bytes  # wire.max_message_bytes; None: no limit
         self._examples = schemas.latest("example_batch")
         self._labels = schemas.latest("label_batch")
         self._dead = schemas.latest("dead_letter")
@@ -121,6 +122,8 @@ class Codec:
     def decode_record(self, value: bytes | None, headers: Headers | None, kind: str) -> dict:
         if value is None:
             raise DecodeError("empty", "message has no value")
+        if self.max_message_bytes is not None and len(value) > self.max_message_bytes:
+            raise DecodeError("too_large", f"{len(value)} bytes is over wire.max_message_bytes={self.max_message_bytes}")
         fp_raw = next((v for k, v in (headers or []) if k == SCHEMA_HEADER), None)
         if fp_raw is None:
             raise DecodeError("missing_schema", f"no {SCHEMA_HEADER!r} header; was it written by this codec?")

@@ -19,9 +19,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from distill.wire import ExampleBatch, LabelBatch
+from distill.wire import ExampleBatch, LabelBatch, ids_checksum
 
 _RECENT = 4096  # trained batch ids remembered per partition, to tell late from duplicate
+
+
+def label_matches(label: LabelBatch, batch: ExampleBatch) -> bool:
+    """Same size and the same example ids (by checksum): the label belongs to this batch."""
+    return label.size == batch.size and label.example_ids_checksum == ids_checksum(batch.example_ids)
 
 
 @dataclass
@@ -76,7 +81,12 @@ class PartitionJoin:
         return True
 
     def add_label(self, label: LabelBatch, offset: int, now: float, message: Any = None) -> str | None:
-        """Buffer a label; returns 'late' or 'duplicate' when it is dropped instead."""
+        """Buffer a label; returns 'late' or 'duplicate' when it is dropped instead, 'mismatch'
+        when its example batch is pending and the ids differ (not buffered: it must not turn
+        the real label away as a duplicate)."""
+        pending = next((e for e in self.examples if e.batch.batch_id == label.batch_id), None)
+        if pending is not None and not label_matches(label, pending.batch):
+            return "mismatch"
         self.last_label_at = max(self.last_label_at, now)
         self.label_high = max(self.label_high, label.source_offset)
         if label.batch_id in self.recent:

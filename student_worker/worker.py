@@ -26,9 +26,23 @@ from distill.dead_letters import DeadLetters
 from distill.evaluation import ProgressiveEvaluator
 from distill.exceptions import DecodeError
 from distill.export import export_serving_model
-from distill.kafka import Clients, broker_down, check_partitions, consume_available, lag, partitions_at
+from distill.kafka import (
+    Clients,
+    broker_down,
+    check_partitions,
+    consume_available,
+    lag,
+    partitions_at,
+)
 from distill.losses import student_loss
-from distill.models import RankingModel, autocast, batch_tensors, resolve_device, weights_finite
+from distill.models import (
+    RankingModel,
+    autocast,
+    batch_tensors,
+    make_optimizer,
+    resolve_device,
+    weights_finite,
+)
 from distill.progress import ProgressLog
 from distill.service import Service
 from distill.wire import Codec, ids_checksum
@@ -59,8 +73,8 @@ class StudentWorker:
         # Always in training mode: each batch is scored by the training forward pass itself,
         # before the optimizer step (the model family has no dropout by default).
         self.model.train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=sc.model.learning_rate, weight_decay=sc.model.weight_decay)
-        self.codec = Codec(config.wire.non_finite)
+        self.optimizer = make_optimizer(self.model, sc.model)
+        self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
         self.clients = Clients(config.kafka, f"student.{name}")
         self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, name), sc.checkpoint.keep)
         self.progress = ProgressLog(config.progress_dir(), self.role, name)
@@ -282,6 +296,12 @@ class StudentWorker:
             self.dead_letters.send(msg, exc)
             return
         outcome = join.add_label(label, msg.offset(), now, message=msg)
+        if outcome == "mismatch":
+            if not replay:  # dead-lettered before the restart
+                self.dead_letters.send(msg, DecodeError(
+                    "id_mismatch", f"label batch {label.batch_id} does not match its example batch "
+                    "(another size or id checksum)"))
+            return
         if outcome is not None and not replay:  # a replay after restart was counted before
             self.counts[outcome] += 1
             m.STUDENT_JOIN.labels(self.name, outcome).inc()

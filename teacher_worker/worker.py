@@ -31,7 +31,7 @@ from distill.exceptions import DecodeError
 from distill.kafka import Clients, broker_down, consume_available, ensure_topics, is_retriable, lag, needs_abort, partitions_at
 from distill.losses import hard_losses
 from distill.evaluation import ProgressiveEvaluator
-from distill.models import RankingModel, autocast, batch_tensors, resolve_device, weights_finite
+from distill.models import RankingModel, autocast, batch_tensors, make_optimizer, resolve_device, weights_finite
 from distill.progress import ProgressLog
 from distill.service import Service
 from distill.wire import Codec, ExampleBatch, LabelBatch, ids_checksum
@@ -59,12 +59,12 @@ class TeacherWorker:
         self.device = resolve_device(tc.device)
         torch.manual_seed(tc.model.seed)
         self.model = RankingModel(config.features, config.tasks, tc.model).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.model.learning_rate, weight_decay=tc.model.weight_decay)
+        self.optimizer = make_optimizer(self.model, tc.model)
         self.kinds = [t.type for t in config.tasks]
         self.task_names = [t.name for t in config.tasks]
         # model.kind "null" (transport benchmark): zero logits, no forward pass, no training.
         self.null = tc.model.kind == "null"
-        self.codec = Codec(config.wire.non_finite)
+        self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
         self.clients = Clients(config.kafka, f"teacher.{self.name}")
         self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, self.name), tc.checkpoint.keep)
         self.progress = ProgressLog(config.progress_dir(), self.role, self.name)
