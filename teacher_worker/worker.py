@@ -182,6 +182,11 @@ class TeacherWorker:
             log.warning("transaction failed, aborting and rewinding", extra={"error": str(exc)})
             self._abort_and_rewind(records)
             return True
+        if good:  # counted once the transaction has committed (an aborted one is relabelled)
+            n = sum(b.size for _, b in good)
+            self.examples_labeled += n
+            m.TEACHER_EXAMPLES.labels(self.name).inc(n)
+            m.TEACHER_LABEL_BATCHES.labels(self.name).inc(len(good))
         if good and not self.null:
             self.evaluator.update("main", *self._scored)
             self._train([b for _, b in good])
@@ -249,10 +254,6 @@ class TeacherWorker:
             value, headers = self.codec.encode_labels(label)
             self.producer.produce(self.config.topics.labels, value=value, key=batch.batch_id.encode(),
                                   partition=p, headers=headers)
-        n = len(labels)
-        self.examples_labeled += n
-        m.TEACHER_EXAMPLES.labels(self.name).inc(n)
-        m.TEACHER_LABEL_BATCHES.labels(self.name).inc(len(good))
 
     def _train(self, batches: list[ExampleBatch]) -> None:
         # One optimizer step per example batch: grouping speeds up labelling, not learning, so
