@@ -50,8 +50,11 @@ def test_every_student_trains_every_example_exactly_once(synthetic_run):
 
 
 def test_the_teacher_learns(synthetic_run):
-    # Seed 7 of the synthetic stream: about 0.63 cumulative AUC over 200k examples.
-    assert synthetic_run["teacher"]["metrics"]["click"]["auc"] > 0.6
+    # Seed 7 of the synthetic stream: 0.676 cumulative AUC over these 200k examples.
+    assert synthetic_run["teacher"]["metrics"]["click"]["auc"] > 0.65
+    # and it is ahead of the small models it teaches (0.653 for the `none` student)
+    none = synthetic_run["students"]["none"]["metrics"]["click"]["auc"]
+    assert synthetic_run["teacher"]["metrics"]["click"]["auc"] > none + 0.01
 
 
 def test_aux_distillation_beats_the_baseline(synthetic_run):
@@ -60,7 +63,7 @@ def test_aux_distillation_beats_the_baseline(synthetic_run):
     students = synthetic_run["students"]
     aux = students["aux"]["metrics"]["click"]["logloss"]
     none = students["none"]["metrics"]["click"]["logloss"]
-    # 200k examples, seed 7: aux 0.6012 against none 0.6071 (a gap of 0.0060); half of it is asked
+    # 200k examples, seed 7: aux 0.6018 against none 0.6071 (a gap of 0.0054); about half is asked
     assert aux < none - 0.003, (aux, none)
     # the teacher's labels were there for (nearly) every batch
     join = students["aux"]["join"]
