@@ -317,11 +317,11 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return overrides
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -364,8 +364,8 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     if path is None and environ.get(f"{ENV_PREFIX}CONFIG"):
         path = environ[f"{ENV_PREFIX}CONFIG"]
     data = read_file(Path(path)) if path else {}
-    data = _deep_merge(data, _env_overrides(environ))
-    data = _deep_merge(data, overrides)
+    data = deep_merge(data, _env_overrides(environ))
+    data = deep_merge(data, overrides)
     source = f"{path or 'defaults'} + {ENV_PREFIX}* environment"
     try:
         return Config.model_validate(data)

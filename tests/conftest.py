@@ -46,22 +46,12 @@ import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from distill.broker import EmbeddedBroker
-from distill.config import Config, load_config
+from distill.config import Config, deep_merge, load_config
 from distill.kafka import Clients, ensure_topics, partition_count
 from distill.wire import ExampleBatch
 
 # Group joins on the embedded broker take about half of session.timeout.ms: keep it short.
 TEST_SESSION_TIMEOUT_MS = 6000
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _slug(text: str, limit: int = 24) -> str:
@@ -107,7 +97,7 @@ def make_config(broker: EmbeddedBroker, tmp_path, unique_name) -> Callable[..., 
             "producer": {"producer_id": f"producer.{run}"},
             "broker": {"log_file": str(tmp_path / "broker.log")},
         }
-        return load_config(None, environ={}, **_merge(base, overrides))
+        return load_config(None, environ={}, **deep_merge(base, overrides))
 
     return make
 
