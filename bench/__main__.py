@@ -19,8 +19,7 @@ COLUMNS = ("module", "name", "value", "unit", "ratio", "vs")
 
 
 def discover(selected: list[str]) -> list[str]:
-    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
-                   if m.name.startswith("bench_"))
+    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("bench_"))
     if selected:
         names = [n for n in names if any(s in n for s in selected)]
     return names
@@ -56,8 +55,9 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
     right = {2, 4}  # numbers
 
     def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
 
     print(line(COLUMNS))
     print(line(tuple("-" * w for w in widths)))
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print_table(rows)
     if failed:
-        print(f"\n{len(failed)} of {len(names)} benchmarks failed: {', '.join(failed)}",
-              file=sys.stderr)
+        print(f"\n{len(failed)} of {len(names)} benchmarks failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -36,8 +36,9 @@ def synthetic_batch(n: int = BATCH, seed: int = 0) -> ExampleBatch:
         event_time_ms=1_700_000_000_000 + np.arange(n, dtype=np.int64) * 7,
         example_ids=np.arange(n, dtype=np.int64) + seed * n,
         categorical_names=list(cats),
-        categorical=np.stack([rng.integers(0, c.buckets * 10, n) for c in cfg.features.categorical],
-                             axis=1).astype(np.int64),
+        categorical=np.stack([rng.integers(0, c.buckets * 10, n) for c in cfg.features.categorical], axis=1).astype(
+            np.int64
+        ),
         dense_names=dense,
         dense=rng.standard_normal((n, len(dense)), dtype=np.float32),
         task_names=tasks,
@@ -85,8 +86,14 @@ def run() -> list[dict]:
         copy_bytes()
         copy_numpy()
 
-    fns = {"both": codec_both, "copy_both": copy_both, "encode": encode, "copy_bytes": copy_bytes,
-           "decode": decode, "copy_numpy": copy_numpy}
+    fns = {
+        "both": codec_both,
+        "copy_both": copy_both,
+        "encode": encode,
+        "copy_bytes": copy_bytes,
+        "decode": decode,
+        "copy_numpy": copy_numpy,
+    }
     measured: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm up
         calls_per_second(fn, 0.02)
@@ -102,21 +109,41 @@ def run() -> list[dict]:
     def median_ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(measured[a], measured[b], strict=True))
 
-    raw_bytes = sum(getattr(batch, c).nbytes for c in
-                    ("event_time_ms", "example_ids", "categorical", "dense", "labels", "truth"))
-    layout = (f"{len(batch.categorical_names)} categorical, {len(batch.dense_names)} dense, "
-              f"{len(batch.task_names)} tasks + truth")
+    raw_bytes = sum(
+        getattr(batch, c).nbytes for c in ("event_time_ms", "example_ids", "categorical", "dense", "labels", "truth")
+    )
+    layout = (
+        f"{len(batch.categorical_names)} categorical, {len(batch.dense_names)} dense, "
+        f"{len(batch.task_names)} tasks + truth"
+    )
     return [
-        {"name": f"encode+decode, {BATCH}-example batches", "value": median_rate("both"),
-         "unit": "examples/s", "ratio": median_ratio("both", "copy_both"),
-         "vs": "plain copy of the same message: bytes(bytearray(msg)) + numpy copy"},
-        {"name": "encode", "value": median_rate("encode"), "unit": "examples/s",
-         "ratio": median_ratio("encode", "copy_bytes"), "vs": "bytes(bytearray(msg))"},
-        {"name": "decode (numpy.frombuffer views)", "value": median_rate("decode"),
-         "unit": "examples/s", "ratio": median_ratio("decode", "copy_numpy"),
-         "vs": "numpy copy of msg"},
-        {"name": "plain copy (baseline of encode+decode)", "value": median_rate("copy_both"),
-         "unit": "examples/s"},
-        {"name": f"message size ({layout})", "value": len(value) / BATCH, "unit": "bytes/example",
-         "ratio": len(value) / raw_bytes, "vs": "packed column bytes alone"},
+        {
+            "name": f"encode+decode, {BATCH}-example batches",
+            "value": median_rate("both"),
+            "unit": "examples/s",
+            "ratio": median_ratio("both", "copy_both"),
+            "vs": "plain copy of the same message: bytes(bytearray(msg)) + numpy copy",
+        },
+        {
+            "name": "encode",
+            "value": median_rate("encode"),
+            "unit": "examples/s",
+            "ratio": median_ratio("encode", "copy_bytes"),
+            "vs": "bytes(bytearray(msg))",
+        },
+        {
+            "name": "decode (numpy.frombuffer views)",
+            "value": median_rate("decode"),
+            "unit": "examples/s",
+            "ratio": median_ratio("decode", "copy_numpy"),
+            "vs": "numpy copy of msg",
+        },
+        {"name": "plain copy (baseline of encode+decode)", "value": median_rate("copy_both"), "unit": "examples/s"},
+        {
+            "name": f"message size ({layout})",
+            "value": len(value) / BATCH,
+            "unit": "bytes/example",
+            "ratio": len(value) / raw_bytes,
+            "vs": "packed column bytes alone",
+        },
     ]

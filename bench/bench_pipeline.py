@@ -101,10 +101,12 @@ class Run:
     """A config on one broker and its worker processes; ``stop()`` ends them."""
 
     def __init__(self, broker: EmbeddedBroker, state: Path, examples: int, **overrides: Any):
-        base = {"state_dir": str(state), "topics": {"partitions": PARTITIONS},
-                "kafka": {"bootstrap_servers": broker.bootstrap,
-                          "session_timeout_ms": SESSION_TIMEOUT_MS},
-                "synthetic": {"examples": examples}}
+        base = {
+            "state_dir": str(state),
+            "topics": {"partitions": PARTITIONS},
+            "kafka": {"bootstrap_servers": broker.bootstrap, "session_timeout_ms": SESSION_TIMEOUT_MS},
+            "synthetic": {"examples": examples},
+        }
         self.config = load_config(None, environ={}, **merge(base, overrides))
         self.examples = examples
         state.mkdir(parents=True, exist_ok=True)
@@ -126,8 +128,17 @@ class Run:
 
     def spawn(self, role: str, name: str, *args: str) -> Child:
         port = free_port()
-        cmd = [sys.executable, "-m", "distill", role, *args, "--config", str(self.config_path),
-               "--metrics-port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "distill",
+            role,
+            *args,
+            "--config",
+            str(self.config_path),
+            "--metrics-port",
+            str(port),
+        ]
         child = Child(role, name, cmd, port, self.config.state_dir / "logs" / f"{role}-{name}.log")
         child.start(self.env)
         self.children.append(child)
@@ -160,8 +171,9 @@ class Run:
             time.sleep(0.1)
 
     def produce(self) -> dict:
-        return run_producer(self.local_config(), "synthetic", handle_signals=False,
-                            serve_http=False, max_examples=self.examples)
+        return run_producer(
+            self.local_config(), "synthetic", handle_signals=False, serve_http=False, max_examples=self.examples
+        )
 
     def lines(self, role: str, name: str) -> list[dict]:
         path = self.config.progress_dir() / f"{role}-{name}.jsonl"
@@ -181,8 +193,7 @@ class Run:
         lines = self.lines("student", name)
         return lines[-1]["examples_trained"] if lines else 0
 
-    def wait_students(self, students: list[str], target: int | None = None,
-                      timeout: float = 120.0) -> None:
+    def wait_students(self, students: list[str], target: int | None = None, timeout: float = 120.0) -> None:
         target = self.examples if target is None else target
         deadline = time.monotonic() + timeout
         while not all(self.counted(s) >= target for s in students):
@@ -197,11 +208,13 @@ class Run:
     def steady_rate(self, student: str, since: float = 0.0) -> float:
         """Examples/s between the first and the last progress line written while still busy
         (and at ``since`` or later, a Unix time)."""
-        busy = [(x["ts"], x["examples_trained"]) for x in self.lines("student", student)
-                if 0 < x["examples_trained"] < self.examples and x["ts"] >= since]
+        busy = [
+            (x["ts"], x["examples_trained"])
+            for x in self.lines("student", student)
+            if 0 < x["examples_trained"] < self.examples and x["ts"] >= since
+        ]
         if len(busy) < 2:
-            raise RuntimeError(f"student {student}: {len(busy)} progress lines while busy; "
-                               "produce more examples")
+            raise RuntimeError(f"student {student}: {len(busy)} progress lines while busy; produce more examples")
         (t0, n0), (t1, n1) = busy[0], busy[-1]
         return (n1 - n0) / (t1 - t0)
 
@@ -218,8 +231,7 @@ class Run:
 def fresh_run(examples: int, *overrides: dict[str, Any]):
     for name in ("distill", "producers", "teacher_worker", "student_worker"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    with (tempfile.TemporaryDirectory() as tmp,
-          EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker):
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker:
         run = Run(broker, Path(tmp) / "state", examples, **merge({}, *overrides))
         try:
             yield run
@@ -316,8 +328,9 @@ def label_delays(rate: float, *overrides: dict[str, Any]) -> tuple[np.ndarray, d
                 student.step()
                 if time.monotonic() > deadline:
                     raise RuntimeError("student not assigned within 60 s")
-            producer = run.spawn("produce", "producer", "synthetic", "--examples", str(examples),
-                                 "--rate", f"{rate:.0f}")
+            producer = run.spawn(
+                "produce", "producer", "synthetic", "--examples", str(examples), "--rate", f"{rate:.0f}"
+            )
             deadline = time.monotonic() + DELAY_SECONDS * 5 + 30
             while student.counts["examples_trained"] < examples:
                 student.step()
@@ -340,8 +353,7 @@ def label_delays(rate: float, *overrides: dict[str, Any]) -> tuple[np.ndarray, d
 
 def run() -> list[dict]:
     students = len(DEMO_STUDENTS)
-    null = {"teacher": {"model": NULL_MODEL},
-            "students": [{"name": n, "model": NULL_MODEL} for n in DEMO_STUDENTS]}
+    null = {"teacher": {"model": NULL_MODEL}, "students": [{"name": n, "model": NULL_MODEL} for n in DEMO_STUDENTS]}
     ceiling = end_to_end(NULL_EXAMPLES, null)
     tuned = end_to_end(NULL_EXAMPLES, null, TUNED)
     real = end_to_end(REAL_EXAMPLES)
@@ -349,18 +361,36 @@ def run() -> list[dict]:
     half = rate1 / 2
     aim = "aim: 1,000,000 examples/s"
     return [
-        {"name": f"transport ceiling: null teacher + {students} null students, end to end",
-         "value": ceiling, "unit": "examples/s", "ratio": ceiling / 1e6, "vs": aim},
-        {"name": f"transport ceiling, client settings {TUNED_NAME}", "value": tuned,
-         "unit": "examples/s", "ratio": tuned / 1e6, "vs": aim},
-        {"name": f"demo models: teacher + {students} students, end to end", "value": real,
-         "unit": "examples/s", "ratio": real / ceiling, "vs": "null models (transport ceiling)"},
-        {"name": "teacher CPU per labelled example, 1 student", "value": cpu1 * 1e6,
-         "unit": "CPU us/example"},
-        {"name": "teacher CPU per labelled example, 4 students", "value": cpu4 * 1e6,
-         "unit": "CPU us/example", "ratio": cpu4 / cpu1, "vs": "1 student (flat: 1)"},
-        {"name": "sustainable rate: teacher + 1 student, end to end", "value": rate1,
-         "unit": "examples/s"},
+        {
+            "name": f"transport ceiling: null teacher + {students} null students, end to end",
+            "value": ceiling,
+            "unit": "examples/s",
+            "ratio": ceiling / 1e6,
+            "vs": aim,
+        },
+        {
+            "name": f"transport ceiling, client settings {TUNED_NAME}",
+            "value": tuned,
+            "unit": "examples/s",
+            "ratio": tuned / 1e6,
+            "vs": aim,
+        },
+        {
+            "name": f"demo models: teacher + {students} students, end to end",
+            "value": real,
+            "unit": "examples/s",
+            "ratio": real / ceiling,
+            "vs": "null models (transport ceiling)",
+        },
+        {"name": "teacher CPU per labelled example, 1 student", "value": cpu1 * 1e6, "unit": "CPU us/example"},
+        {
+            "name": "teacher CPU per labelled example, 4 students",
+            "value": cpu4 * 1e6,
+            "unit": "CPU us/example",
+            "ratio": cpu4 / cpu1,
+            "vs": "1 student (flat: 1)",
+        },
+        {"name": "sustainable rate: teacher + 1 student, end to end", "value": rate1, "unit": "examples/s"},
         *delay_rows(half, "half the sustainable rate"),
         *delay_rows(half, "the same, fetch.wait.max.ms=10", FAST_FETCH),
     ]
@@ -372,5 +402,7 @@ def delay_rows(rate: float, what: str, *overrides: dict[str, Any]) -> list[dict]
     at = f"at {rate:,.0f} examples/s ({what})"
     unjoined = counts["batches_trained"] - counts["joined"]
     of = f", {len(delays)} batches" + (f", {unjoined} without a label" if unjoined else "")
-    return [{"name": f"label delay p50 {at}", "value": p50, "unit": "ms"},
-            {"name": f"label delay p99 {at}{of}", "value": p99, "unit": "ms"}]
+    return [
+        {"name": f"label delay p50 {at}", "value": p50, "unit": "ms"},
+        {"name": f"label delay p99 {at}{of}", "value": p99, "unit": "ms"},
+    ]

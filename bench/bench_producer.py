@@ -82,8 +82,7 @@ def run() -> list[dict]:
     mb_per_s = result["bytes"] / result["seconds"] / 1e6
     return [
         {
-            "name": f"producer to embedded broker ({BATCH}-example batches, "
-            f"{PARTITIONS} partitions, acks=all)",
+            "name": f"producer to embedded broker ({BATCH}-example batches, {PARTITIONS} partitions, acks=all)",
             "value": produced,
             "unit": "examples/s",
             "ratio": produced / encoded,

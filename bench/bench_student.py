@@ -30,7 +30,7 @@ def in_memory_rate(cfg, batches, logits) -> float:
     kinds = [t.type for t in cfg.tasks]
     cpu = torch.device("cpu")
     started = time.perf_counter()
-    for b, t in zip(batches, logits):
+    for b, t in zip(batches, logits, strict=False):
         cat, dense, y = batch_tensors([b], cpu)
         main, aux = model(cat, dense)
         loss, _ = student_loss("aux", main, aux, y, torch.from_numpy(t), kinds, [0, 1], sc.soft_weight, 1.0)
@@ -64,7 +64,12 @@ def run() -> list[dict]:
     worker = EXAMPLES / seconds
     base = (base_before + base_after) / 2
     return [
-        {"name": "student worker (aux)", "value": worker, "unit": "examples/s", "ratio": worker / base,
-         "vs": "same model distillation loop in memory"},
+        {
+            "name": "student worker (aux)",
+            "value": worker,
+            "unit": "examples/s",
+            "ratio": worker / base,
+            "vs": "same model distillation loop in memory",
+        },
         {"name": "student model in memory (aux)", "value": base, "unit": "examples/s"},
     ]

@@ -61,7 +61,12 @@ def run() -> list[dict]:
         base_after = in_memory_rate(cfg, batches)
     base = (base_before + base_after) / 2
     return [
-        {"name": "teacher worker", "value": worker, "unit": "examples/s", "ratio": worker / base,
-         "vs": "same model predict+train in memory"},
+        {
+            "name": "teacher worker",
+            "value": worker,
+            "unit": "examples/s",
+            "ratio": worker / base,
+            "vs": "same model predict+train in memory",
+        },
         {"name": "teacher model in memory", "value": base, "unit": "examples/s"},
     ]

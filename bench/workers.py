@@ -21,8 +21,15 @@ def stream(examples: int, partitions: int = 4, **overrides):
     for name in ("distill", "producers", "teacher_worker", "student_worker"):
         logging.getLogger(name).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker:
-        cfg = load_config(None, environ={}, state_dir=tmp, kafka={"bootstrap_servers": broker.bootstrap},
-                          topics={"partitions": partitions}, synthetic={"examples": examples}, **overrides)
+        cfg = load_config(
+            None,
+            environ={},
+            state_dir=tmp,
+            kafka={"bootstrap_servers": broker.bootstrap},
+            topics={"partitions": partitions},
+            synthetic={"examples": examples},
+            **overrides,
+        )
         run_producer(cfg, "synthetic", handle_signals=False, serve_http=False, max_examples=examples)
         yield cfg
 

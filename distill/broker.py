@@ -96,13 +96,19 @@ class EmbeddedBroker:
         cmd = [
             str(self.binary),
             "broker",
-            "--listener-url", f"tcp://{self.host}:{self.port}",
-            "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port}",
-            "--storage-engine", "memory://tansu/",
+            "--listener-url",
+            f"tcp://{self.host}:{self.port}",
+            "--advertised-listener-url",
+            f"tcp://{self.host}:{self.advertised_port}",
+            "--storage-engine",
+            "memory://tansu/",
         ]
         log.info("starting embedded broker", extra={"cmd": " ".join(cmd)})
         self.process = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             preexec_fn=die_with_parent,
         )
         if self.advertised_port == self.port:
@@ -116,9 +122,7 @@ class EmbeddedBroker:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise BrokerError(
-                    f"embedded broker exited with code {self.process.returncode}; see {self.log_file}"
-                )
+                raise BrokerError(f"embedded broker exited with code {self.process.returncode}; see {self.log_file}")
             try:
                 admin.list_topics(timeout=1.0)
                 return

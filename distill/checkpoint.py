@@ -75,7 +75,7 @@ class Checkpointer:
         head = len(MAGIC) + 32
         if not raw.startswith(MAGIC) or len(raw) < head:
             raise CheckpointError(f"{self.path(version)} is not a checkpoint (bad header)")
-        digest, payload = raw[len(MAGIC):head], raw[head:]
+        digest, payload = raw[len(MAGIC) : head], raw[head:]
         if hashlib.sha256(payload).digest() != digest:
             raise CheckpointError(f"{self.path(version)} failed its checksum (truncated or corrupt)")
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
@@ -88,7 +88,9 @@ class Checkpointer:
             try:
                 return version, self.read(version)
             except Exception as exc:  # a torn or foreign file: fall back to the previous one
-                log.warning("skipping unreadable checkpoint", extra={"path": str(self.path(version)), "error": str(exc)})
+                log.warning(
+                    "skipping unreadable checkpoint", extra={"path": str(self.path(version)), "error": str(exc)}
+                )
                 errors.append(f"{self.path(version).name}: {exc}")
         if versions:
             raise CheckpointError(

@@ -16,8 +16,12 @@ from distill.exceptions import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous knowledge distillation over Kafka.")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config file (or DISTILL_CONFIG).")]
-BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers).")]
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config file (or DISTILL_CONFIG).")
+]
+BootstrapOpt = Annotated[
+    Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers).")
+]
 
 
 def _load(config: Path | None, bootstrap: str | None = None, **overrides) -> Config:
@@ -64,7 +68,10 @@ def topics(config: ConfigOpt = None, bootstrap: BootstrapOpt = None) -> None:
     try:
         cfg = _load(config, bootstrap)
         ensure_topics(cfg, Clients(cfg.kafka, "admin").admin(), seconds=30)
-        typer.echo(f"topics ready: {cfg.topics.examples}, {cfg.topics.labels} ({cfg.topics.partitions} partitions) and their .dlq")
+        typer.echo(
+            f"topics ready: {cfg.topics.examples}, {cfg.topics.labels} "
+            f"({cfg.topics.partitions} partitions) and their .dlq"
+        )
     except DistillError as exc:
         _fail(exc)
 
@@ -86,9 +93,14 @@ def _configure(role: str, name: str) -> None:
 
 
 @app.command()
-def teacher(config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
-            device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (teacher.device).")] = None,
-            metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz (teacher.metrics_port).")] = None) -> None:
+def teacher(
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (teacher.device).")] = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz (teacher.metrics_port).")
+    ] = None,
+) -> None:
     """Run the teacher: predict, publish labels, train, checkpoint; until SIGTERM."""
     over: dict = {"teacher": {}}
     if device:
@@ -106,9 +118,12 @@ def teacher(config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
 
 
 @app.command()
-def student(name: Annotated[str, typer.Option("--name", "-n", help="Which configured student to run.")],
-            config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
-            metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz.")] = None) -> None:
+def student(
+    name: Annotated[str, typer.Option("--name", "-n", help="Which configured student to run.")],
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz.")] = None,
+) -> None:
     """Run one student: join examples with labels, distil, checkpoint, export; until SIGTERM."""
     try:
         cfg = _load(config, bootstrap)
@@ -126,11 +141,18 @@ def student(name: Annotated[str, typer.Option("--name", "-n", help="Which config
 @app.command()
 def produce(
     source: Annotated[str, typer.Argument(help="synthetic, movielens or file.")],
-    config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
-    examples: Annotated[Optional[int], typer.Option("--examples", help="Stop after N examples (producer.max_examples).")] = None,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    examples: Annotated[
+        Optional[int], typer.Option("--examples", help="Stop after N examples (producer.max_examples).")
+    ] = None,
     rate: Annotated[Optional[float], typer.Option(help="Examples per second (producer.rate).")] = None,
-    speedup: Annotated[Optional[float], typer.Option(help="Event-time speed-up of a replay (producer.speedup).")] = None,
-    position_file: Annotated[Optional[Path], typer.Option(help="Resume a replay from here (producer.position_file).")] = None,
+    speedup: Annotated[
+        Optional[float], typer.Option(help="Event-time speed-up of a replay (producer.speedup).")
+    ] = None,
+    position_file: Annotated[
+        Optional[Path], typer.Option(help="Resume a replay from here (producer.position_file).")
+    ] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz.")] = None,
     hold: Annotated[bool, typer.Option(help="At the end of the data keep serving /metrics until SIGTERM.")] = False,
 ) -> None:
@@ -144,8 +166,9 @@ def produce(
         if metrics_port is not None:
             cfg.producer.metrics_port = metrics_port
         _configure("producer", cfg.producer.producer_id)
-        result = run_producer(cfg, source, max_examples=examples, rate=rate, speedup=speedup,
-                              position_file=position_file)
+        result = run_producer(
+            cfg, source, max_examples=examples, rate=rate, speedup=speedup, position_file=position_file
+        )
     except DistillError as exc:
         _fail(exc)
     ProgressLog(cfg.progress_dir(), "producer", cfg.producer.producer_id).write_summary(result)
@@ -168,12 +191,15 @@ def _hold(worker: str, port: int) -> None:
 @app.command()
 def up(
     source: Annotated[str, typer.Option(help="synthetic, movielens or file.")] = "synthetic",
-    config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
     examples: Annotated[Optional[int], typer.Option(help="Examples to produce (default: the whole source).")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
     report: Annotated[Path, typer.Option(help="Where report.json, report.md and report.png go.")] = Path("report"),
     prometheus: Annotated[bool, typer.Option(help="Start Debian's prometheus scraping every process.")] = False,
-    state_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, models, logs (state_dir); wiped at start.")] = None,
+    state_dir: Annotated[
+        Optional[Path], typer.Option(help="Checkpoints, models, logs (state_dir); wiped at start.")
+    ] = None,
 ) -> None:
     """Run the whole pipeline locally: broker, producer, teacher, students; then a report."""
     from distill.up import run_up
@@ -186,8 +212,15 @@ def up(
             # The synthetic stream is endless; its drift schedule spans synthetic.examples.
             examples = examples or cfg.synthetic.examples
             cfg.synthetic.examples = examples
-        code = run_up(cfg, source, examples=examples, duration=duration, report_dir=report,
-                      bootstrap=bootstrap, prometheus=prometheus)
+        code = run_up(
+            cfg,
+            source,
+            examples=examples,
+            duration=duration,
+            report_dir=report,
+            bootstrap=bootstrap,
+            prometheus=prometheus,
+        )
     except DistillError as exc:
         _fail(exc)
     raise typer.Exit(code)
@@ -195,19 +228,42 @@ def up(
 
 @app.command()
 def sweep(
-    candidates: Annotated[Path, typer.Option("--candidates", help="TOML or YAML: [[candidates]] (a name and a partial teacher model) and/or a [grid].")],
-    config: ConfigOpt = None, bootstrap: BootstrapOpt = None,
-    from_offset: Annotated[Optional[str], typer.Option(help="First offset: 1200 for every partition, or 0:1200,1:800.")] = None,
+    candidates: Annotated[
+        Path,
+        typer.Option(
+            "--candidates", help="TOML or YAML: [[candidates]] (a name and a partial teacher model) and/or a [grid]."
+        ),
+    ],
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    from_offset: Annotated[
+        Optional[str], typer.Option(help="First offset: 1200 for every partition, or 0:1200,1:800.")
+    ] = None,
     to_offset: Annotated[Optional[str], typer.Option(help="End offset (exclusive), same forms.")] = None,
-    from_time: Annotated[Optional[str], typer.Option(help="Start: ISO 8601 (UTC unless it says), epoch ms, or now-2h.")] = None,
+    from_time: Annotated[
+        Optional[str], typer.Option(help="Start: ISO 8601 (UTC unless it says), epoch ms, or now-2h.")
+    ] = None,
     to_time: Annotated[Optional[str], typer.Option(help="End (exclusive); default: now.")] = None,
-    time_kind: Annotated[str, typer.Option(help="kafka (message timestamps) or event (the batches' event times).")] = "kafka",
-    budget_examples: Annotated[Optional[int], typer.Option(help="At most N examples processed over all candidates.")] = None,
+    time_kind: Annotated[
+        str, typer.Option(help="kafka (message timestamps) or event (the batches' event times).")
+    ] = "kafka",
+    budget_examples: Annotated[
+        Optional[int], typer.Option(help="At most N examples processed over all candidates.")
+    ] = None,
     budget_seconds: Annotated[Optional[float], typer.Option(help="Stop after S seconds.")] = None,
-    warmup: Annotated[float, typer.Option(help="Share of the window every candidate trains on before scoring starts.")] = 0.3,
-    objective: Annotated[str, typer.Option(help="gain, gain-per-gflop or gain-per-second: what halving keeps.")] = "gain",
-    task: Annotated[Optional[str], typer.Option(help="Task the gain is measured on (default: the first binary task).")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Where sweep.json and winner-teacher.toml go (default: <state_dir>/sweeps/<run id>).")] = None,
+    warmup: Annotated[
+        float, typer.Option(help="Share of the window every candidate trains on before scoring starts.")
+    ] = 0.3,
+    objective: Annotated[
+        str, typer.Option(help="gain, gain-per-gflop or gain-per-second: what halving keeps.")
+    ] = "gain",
+    task: Annotated[
+        Optional[str], typer.Option(help="Task the gain is measured on (default: the first binary task).")
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(help="Where sweep.json and winner-teacher.toml go (default: <state_dir>/sweeps/<run id>)."),
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: teacher.device).")] = None,
     max_window_mb: Annotated[int, typer.Option(help="Refuse a window larger than this in memory.")] = 2048,
 ) -> None:
@@ -219,9 +275,19 @@ def sweep(
     try:
         cfg = _load(config, bootstrap)
         window = Window.parse(from_offset, to_offset, from_time, to_time, time_kind)
-        report = run_sweep(cfg, candidates, window, budget_examples=budget_examples,
-                           budget_seconds=budget_seconds, output=output, objective=objective,
-                           task=task, device=device, warmup=warmup, max_window_mb=max_window_mb)
+        report = run_sweep(
+            cfg,
+            candidates,
+            window,
+            budget_examples=budget_examples,
+            budget_seconds=budget_seconds,
+            output=output,
+            objective=objective,
+            task=task,
+            device=device,
+            warmup=warmup,
+            max_window_mb=max_window_mb,
+        )
     except DistillError as exc:
         _fail(exc)
     console = Console()
@@ -230,8 +296,9 @@ def sweep(
     console.print(render_table(report))
     typer.echo(f"report: {report['output']}/sweep.json")
     if report["winner"] is None:
-        typer.secho("no winner: the budget ran out before every candidate was scored once",
-                    err=True, fg=typer.colors.RED)
+        typer.secho(
+            "no winner: the budget ran out before every candidate was scored once", err=True, fg=typer.colors.RED
+        )
         raise typer.Exit(1)
     typer.echo(f"winner: {report['winner']}; its teacher model: {report['winner_file']}")
 

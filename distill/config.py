@@ -237,7 +237,9 @@ class Config(_Strict):
     state_dir: Path = Path("runs")
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     topics: TopicsConfig = Field(default_factory=TopicsConfig)
-    tasks: list[TaskConfig] = Field(default_factory=lambda: [TaskConfig(name="click"), TaskConfig(name="watch", type="regression")])
+    tasks: list[TaskConfig] = Field(
+        default_factory=lambda: [TaskConfig(name="click"), TaskConfig(name="watch", type="regression")]
+    )
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     wire: WireConfig = Field(default_factory=WireConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)

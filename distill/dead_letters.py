@@ -28,17 +28,19 @@ class DeadLetters:
         detail = error.detail if isinstance(error, DecodeError) else f"{type(error).__name__}: {error}"
         topic = msg.topic()
         original = [(k, v) for k, v in (msg.headers() or [])]
-        value, headers = self.codec.encode_dead_letter({
-            "reason": reason,
-            "error": detail[:4000],
-            "source_topic": topic,
-            "source_partition": msg.partition(),
-            "source_offset": msg.offset(),
-            "worker": f"{self.role}/{self.worker}",
-            "failed_at_ms": int(time.time() * 1000),
-            "original_headers": [{"key": k, "value": v} for k, v in original],
-            "payload": msg.value(),
-        })
+        value, headers = self.codec.encode_dead_letter(
+            {
+                "reason": reason,
+                "error": detail[:4000],
+                "source_topic": topic,
+                "source_partition": msg.partition(),
+                "source_offset": msg.offset(),
+                "worker": f"{self.role}/{self.worker}",
+                "failed_at_ms": int(time.time() * 1000),
+                "original_headers": [{"key": k, "value": v} for k, v in original],
+                "payload": msg.value(),
+            }
+        )
         headers += [
             ("distill.dlq.reason", reason.encode()),
             ("distill.dlq.source", f"{topic}/{msg.partition()}/{msg.offset()}".encode()),
@@ -46,5 +48,7 @@ class DeadLetters:
         ]
         self.producer.produce(f"{topic}.dlq", value=value, key=msg.key(), headers=headers)
         m.DEAD_LETTERS.labels(self.role, self.worker, topic, reason).inc()
-        log.warning("message sent to dead-letter topic", extra={
-            "reason": reason, "detail": detail[:500], "source": f"{topic}/{msg.partition()}/{msg.offset()}"})
+        log.warning(
+            "message sent to dead-letter topic",
+            extra={"reason": reason, "detail": detail[:500], "source": f"{topic}/{msg.partition()}/{msg.offset()}"},
+        )

@@ -88,23 +88,29 @@ class TaskMetrics:
         pred, label = pred[-n:], label[-n:]
         end = self._ring_at + n
         if end <= self.window:
-            self._ring_pred[self._ring_at:end] = pred
-            self._ring_label[self._ring_at:end] = label
+            self._ring_pred[self._ring_at : end] = pred
+            self._ring_label[self._ring_at : end] = label
         else:
             split = self.window - self._ring_at
-            self._ring_pred[self._ring_at:] = pred[:split]
-            self._ring_label[self._ring_at:] = label[:split]
+            self._ring_pred[self._ring_at :] = pred[:split]
+            self._ring_label[self._ring_at :] = label[:split]
             self._ring_pred[: n - split] = pred[split:]
             self._ring_label[: n - split] = label[split:]
         self._ring_at = end % self.window
         self._ring_n = min(self.window, self._ring_n + n)
 
-    def _summary(self, count: int, sum_loss: float, sum_pred: float, sum_label: float, auc: float | None) -> dict[str, float]:
+    def _summary(
+        self, count: int, sum_loss: float, sum_pred: float, sum_label: float, auc: float | None
+    ) -> dict[str, float]:
         if count == 0:
             return {}
         calibration = sum_pred / sum_label if sum_label != 0 else float("nan")
         if self.kind == "binary":
-            return {"auc": auc if auc is not None else float("nan"), "logloss": sum_loss / count, "calibration": calibration}
+            return {
+                "auc": auc if auc is not None else float("nan"),
+                "logloss": sum_loss / count,
+                "calibration": calibration,
+            }
         return {"rmse": float(np.sqrt(sum_loss / count)), "calibration": calibration}
 
     def cumulative(self) -> dict[str, float]:

@@ -15,8 +15,14 @@ from distill.config import FeaturesConfig, ModelConfig, TaskConfig
 from distill.models import RankingModel, ServingModel
 
 
-def export_serving_model(model: RankingModel, features: FeaturesConfig, tasks: list[TaskConfig],
-                         model_config: ModelConfig, model_dir: Path, version: int) -> Path:
+def export_serving_model(
+    model: RankingModel,
+    features: FeaturesConfig,
+    tasks: list[TaskConfig],
+    model_config: ModelConfig,
+    model_dir: Path,
+    version: int,
+) -> Path:
     target = model_dir / str(version)
     target.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("aux_head")}

@@ -26,6 +26,7 @@ OBJECTIVES: tuple[str, ...] = ("gain", "gain-per-gflop", "gain-per-second")
 
 # -- the plan ------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Rung:
     index: int  # -1: the warm-up
@@ -59,12 +60,10 @@ def _cut(cum: np.ndarray, share: float) -> int:
 
 def check_warmup(warmup: float) -> None:
     if not 0.0 <= warmup < 1.0:
-        raise ConfigError(f"--warmup {warmup}: give the share of the window to warm up on, "
-                          "0 (none) up to below 1")
+        raise ConfigError(f"--warmup {warmup}: give the share of the window to warm up on, 0 (none) up to below 1")
 
 
-def plan_rungs(sizes: Sequence[int], candidates: int, budget_examples: int | None = None,
-               warmup: float = 0.0) -> Plan:
+def plan_rungs(sizes: Sequence[int], candidates: int, budget_examples: int | None = None, warmup: float = 0.0) -> Plan:
     """First a warm-up share of the window for every candidate, unscored: teachers start cold
     here while the live one is warm, and a cold teacher's labels can hurt a student for a long
     while before they help, so scoring from the first batch would prune late bloomers. Then
@@ -92,10 +91,13 @@ def plan_rungs(sizes: Sequence[int], candidates: int, budget_examples: int | Non
             need = math.ceil(per_example * (rungs + 1) * max(sizes))
             raise ConfigError(
                 f"--budget-examples {budget_examples} cannot pay for {rungs} rung(s) of at least "
-                f"one batch for {candidates} candidates; give at least {need} or fewer candidates")
-        raise ConfigError(f"the window has {len(cum)} batches, too few for {rungs} rungs of "
-                          f"halving over {candidates} candidates; widen the window or use fewer "
-                          "candidates")
+                f"one batch for {candidates} candidates; give at least {need} or fewer candidates"
+            )
+        raise ConfigError(
+            f"the window has {len(cum)} batches, too few for {rungs} rungs of "
+            f"halving over {candidates} candidates; widen the window or use fewer "
+            "candidates"
+        )
 
     def examples(a: int, b: int) -> int:
         return int(cum[b - 1] - (cum[a - 1] if a else 0)) if b > a else 0
@@ -108,21 +110,26 @@ def plan_rungs(sizes: Sequence[int], candidates: int, budget_examples: int | Non
         if r < rungs - 1:
             end = _cut(rest, (2 ** (r + 1) - 1) / sum(weights))
             end = max(prev + 1, min(end, len(rest) - (rungs - 1 - r)))
-        out.append(Rung(r, first + warm + prev, first + warm + end,
-                        examples(warm + prev, warm + end), survivors[r]))
+        out.append(Rung(r, first + warm + prev, first + warm + end, examples(warm + prev, warm + end), survivors[r]))
         prev = end
     return Plan(first, warm_rung, out)
 
 
 # -- budget --------------------------------------------------------------------------------
 
+
 class Budget:
     """Examples processed by candidates (the shared ``none`` student is not a candidate) and
     wall-clock seconds since ``started``. ``allows`` is asked before each step: the seconds
     budget uses the measured pace, so a step that would overrun is not started."""
 
-    def __init__(self, examples: int | None = None, seconds: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, started: float | None = None):
+    def __init__(
+        self,
+        examples: int | None = None,
+        seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        started: float | None = None,
+    ):
         if examples is not None and examples < 1:
             raise ConfigError(f"--budget-examples must be a positive number (got {examples})")
         if seconds is not None and seconds <= 0:
@@ -150,11 +157,16 @@ class Budget:
         self._pace = pace if self._pace is None else 0.7 * self._pace + 0.3 * pace
 
     def describe(self) -> dict[str, Any]:
-        return {"examples": self.examples, "seconds": self.seconds,
-                "spent_examples": self.spent, "spent_seconds": round(self.elapsed(), 3)}
+        return {
+            "examples": self.examples,
+            "seconds": self.seconds,
+            "spent_examples": self.spent,
+            "spent_seconds": round(self.elapsed(), 3),
+        }
 
 
 # -- successive halving (models behind a small interface, so it is testable without torch) --
+
 
 class Arm(Protocol):
     name: str
@@ -201,10 +213,16 @@ def _rank_key(r: ArmResult) -> tuple:
     return (-r.reached, r.eliminated_at is not None, -r.last_score, r.name)
 
 
-def successive_halving(arms: Sequence[Arm], baseline: Arm, sizes: Sequence[int], plan: Plan,
-                       budget: Budget, objective: str = "gain",
-                       prepare: Callable[[int], Any] = lambda i: i,
-                       on_step: Callable[[Rung, int], None] | None = None) -> Halving:
+def successive_halving(
+    arms: Sequence[Arm],
+    baseline: Arm,
+    sizes: Sequence[int],
+    plan: Plan,
+    budget: Budget,
+    objective: str = "gain",
+    prepare: Callable[[int], Any] = lambda i: i,
+    on_step: Callable[[Rung, int], None] | None = None,
+) -> Halving:
     """Run the plan: every live arm on every batch of a rung, in window order, batch by batch
     (so a budget that runs out mid-rung leaves the live arms on the same batches); then the
     better half by ``objective`` of the proxy's gain over ``baseline`` on the rung goes on."""
@@ -243,19 +261,25 @@ def successive_halving(arms: Sequence[Arm], baseline: Arm, sizes: Sequence[int],
         for a in alive:
             loss = a.slice_loss()
             results[a.name].reached = rung.index
-            results[a.name].rungs.append({
-                "rung": rung.index + 1, "batches": [rung.start, rung.start + rows],
-                "examples": int(sum(sizes[rung.start:rung.start + rows])),
-                "complete": stopped is None, "proxy_loss": loss, "baseline_loss": base,
-                "gain": base - loss, "score": score(objective, base - loss, a.cost())})
+            results[a.name].rungs.append(
+                {
+                    "rung": rung.index + 1,
+                    "batches": [rung.start, rung.start + rows],
+                    "examples": int(sum(sizes[rung.start : rung.start + rows])),
+                    "complete": stopped is None,
+                    "proxy_loss": loss,
+                    "baseline_loss": base,
+                    "gain": base - loss,
+                    "score": score(objective, base - loss, a.cost()),
+                }
+            )
         alive.sort(key=lambda a: _rank_key(results[a.name]))
         if stopped:
             break
         keep = math.ceil(len(alive) / 2)
         for a in alive[keep:]:
             results[a.name].eliminated_at = rung.index
-        log.info("rung %d/%d: %s go on", rung.index + 1, len(plan.rungs),
-                 [a.name for a in alive[:keep]])
+        log.info("rung %d/%d: %s go on", rung.index + 1, len(plan.rungs), [a.name for a in alive[:keep]])
         alive = alive[:keep]
     ranking = sorted(results, key=lambda n: _rank_key(results[n]))
     return Halving(results, ranking, stopped, baseline_total)

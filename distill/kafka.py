@@ -126,7 +126,9 @@ def retrying(what: str, seconds: float | None = 60.0) -> Retrying:
         wait=wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.2),
         stop=stop_never if seconds is None else stop_after_delay(seconds),
         reraise=True,
-        before_sleep=lambda rs: log.warning("%s failed (attempt %d), retrying: %s", what, rs.attempt_number, rs.outcome.exception()),
+        before_sleep=lambda rs: log.warning(
+            "%s failed (attempt %d), retrying: %s", what, rs.attempt_number, rs.outcome.exception()
+        ),
     )
 
 
@@ -163,12 +165,17 @@ def ensure_topics(config: Config, admin: AdminClient, seconds: float | None = 60
         with attempt:
             existing = admin.list_topics(timeout=5.0).topics
             missing = [
-                NewTopic(name, num_partitions=n, replication_factor=topics.replication_factor,
-                         config={"retention.ms": str(topics.retention_ms)})
-                for name, n in wanted.items() if name not in existing
+                NewTopic(
+                    name,
+                    num_partitions=n,
+                    replication_factor=topics.replication_factor,
+                    config={"retention.ms": str(topics.retention_ms)},
+                )
+                for name, n in wanted.items()
+                if name not in existing
             ]
             if missing:
-                for name, future in admin.create_topics(missing, operation_timeout=10).items():
+                for future in admin.create_topics(missing, operation_timeout=10).values():
                     try:
                         future.result()
                     except KafkaException as exc:

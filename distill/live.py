@@ -35,23 +35,33 @@ class LiveView:
         self.live.stop()
 
     def update(self, status: dict[str, dict]) -> None:
-        table = Table(title=f"online-distill  {time.monotonic() - self.started:5.0f}s  "
-                            f"(progressive {self.task} {self.metric} / AUC; Ctrl-C stops)")
+        table = Table(
+            title=f"online-distill  {time.monotonic() - self.started:5.0f}s  "
+            f"(progressive {self.task} {self.metric} / AUC; Ctrl-C stops)"
+        )
         for col in ("process", "examples", "ex/s", "coverage", "join j/m/l/d", "AUC", self.metric, "state"):
             table.add_column(col, justify="right" if col not in ("process", "state") else "left")
         for child in self.pipeline.children:
             s = status.get(f"{child.role}:{child.name}", {})
             head = "main"
             values = s.get("metrics", {}).get(self.task, {}).get(head, {}).get("windowed", {})
-            examples = s.get("examples_trained") if child.role == "student" else (
-                s.get("examples_labeled") if child.role == "teacher" else s.get("examples"))
+            examples = (
+                s.get("examples_trained")
+                if child.role == "student"
+                else (s.get("examples_labeled") if child.role == "teacher" else s.get("examples"))
+            )
             join = "-"
             if child.role == "student":
                 join = "/".join(_fmt(s.get(k, 0)) for k in ("joined", "missing", "late", "duplicate"))
             state = "running" if child.poll() is None else f"exited {child.exit_code}"
             table.add_row(
                 f"{child.role} {child.name}" + (f" ({child.extra['mode']})" if "mode" in child.extra else ""),
-                _fmt(examples), _fmt(s.get("examples_per_s") or s.get("rate"), 0),
-                _fmt(s.get("coverage"), 2), join, _fmt(values.get("auc")), _fmt(values.get(self.metric)), state,
+                _fmt(examples),
+                _fmt(s.get("examples_per_s") or s.get("rate"), 0),
+                _fmt(s.get("coverage"), 2),
+                join,
+                _fmt(values.get("auc")),
+                _fmt(values.get(self.metric)),
+                state,
             )
         self.live.update(table)

@@ -13,49 +13,100 @@ DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 
 # -- every process ---------------------------------------------------------------------------
 BUILD = Info("distill_build", "Version and role of this process")
-READY = Gauge("distill_ready", "1 when the broker is reachable and the worker is assigned partitions", ["role", "worker"])
+READY = Gauge(
+    "distill_ready", "1 when the broker is reachable and the worker is assigned partitions", ["role", "worker"]
+)
 HEARTBEAT = Gauge("distill_heartbeat_timestamp_seconds", "Unix time of the last loop iteration", ["role", "worker"])
-DEAD_LETTERS = Counter("distill_dead_letters_total", "Messages sent to a dead-letter topic", ["role", "worker", "topic", "reason"])
-CONSUMER_LAG = Gauge("distill_consumer_lag_messages", "Messages behind the high watermark", ["role", "worker", "topic", "partition"])
+DEAD_LETTERS = Counter(
+    "distill_dead_letters_total", "Messages sent to a dead-letter topic", ["role", "worker", "topic", "reason"]
+)
+CONSUMER_LAG = Gauge(
+    "distill_consumer_lag_messages", "Messages behind the high watermark", ["role", "worker", "topic", "partition"]
+)
 
 # -- producers --------------------------------------------------------------------------------
 PRODUCER_EXAMPLES = Counter("distill_producer_examples_total", "Examples produced (delivered)", ["producer", "source"])
 PRODUCER_BATCHES = Counter("distill_producer_batches_total", "Example batches delivered", ["producer", "source"])
 PRODUCER_BYTES = Counter("distill_producer_bytes_total", "Encoded bytes delivered", ["producer", "source"])
 PRODUCER_ERRORS = Counter("distill_producer_errors_total", "Delivery or encoding failures", ["producer", "source"])
-PRODUCER_QUEUE = Gauge("distill_producer_in_flight_batches", "Batches handed to the client but not yet acknowledged", ["producer"])
-PRODUCER_EVENT_TIME = Gauge("distill_producer_event_time_seconds", "Event time of the newest example produced", ["producer"])
+PRODUCER_QUEUE = Gauge(
+    "distill_producer_in_flight_batches", "Batches handed to the client but not yet acknowledged", ["producer"]
+)
+PRODUCER_EVENT_TIME = Gauge(
+    "distill_producer_event_time_seconds", "Event time of the newest example produced", ["producer"]
+)
 
 # -- teacher ------------------------------------------------------------------------------------
 TEACHER_EXAMPLES = Counter("distill_teacher_examples_labeled_total", "Examples labelled and published", ["teacher"])
 TEACHER_LABEL_BATCHES = Counter("distill_teacher_label_batches_total", "Label batches published", ["teacher"])
 TEACHER_TRAINED = Counter("distill_teacher_examples_trained_total", "Examples the teacher trained on", ["teacher"])
-TEACHER_STEP_SECONDS = Histogram("distill_teacher_step_seconds", "Time of one step: predict, publish, train, commit", ["teacher"], buckets=LATENCY_BUCKETS)
-TEACHER_TRANSACTIONS = Counter("distill_teacher_transactions_total", "Kafka transactions by outcome", ["teacher", "outcome"])
-TEACHER_NAN = Counter("distill_teacher_nan_losses_total", "Training steps skipped for a NaN or infinite loss", ["teacher"])
-TEACHER_VERSION = Gauge("distill_teacher_version", "Version of the teacher (increases with each checkpoint)", ["teacher"])
+TEACHER_STEP_SECONDS = Histogram(
+    "distill_teacher_step_seconds",
+    "Time of one step: predict, publish, train, commit",
+    ["teacher"],
+    buckets=LATENCY_BUCKETS,
+)
+TEACHER_TRANSACTIONS = Counter(
+    "distill_teacher_transactions_total", "Kafka transactions by outcome", ["teacher", "outcome"]
+)
+TEACHER_NAN = Counter(
+    "distill_teacher_nan_losses_total", "Training steps skipped for a NaN or infinite loss", ["teacher"]
+)
+TEACHER_VERSION = Gauge(
+    "distill_teacher_version", "Version of the teacher (increases with each checkpoint)", ["teacher"]
+)
 TEACHER_LOSS = Gauge("distill_teacher_loss", "Training loss of the last step", ["teacher", "task"])
-TEACHER_METRIC = Gauge("distill_teacher_metric", "Progressive (predict-before-train) metric", ["teacher", "task", "metric", "window"])
-TEACHER_CKPT_AGE = Gauge("distill_teacher_checkpoint_timestamp_seconds", "Unix time of the last durable checkpoint", ["teacher"])
-TEACHER_CKPT_SECONDS = Histogram("distill_teacher_checkpoint_seconds", "Time to write a checkpoint", ["teacher"], buckets=LATENCY_BUCKETS)
-TEACHER_THROUGHPUT = Gauge("distill_teacher_examples_per_second", "Examples labelled per second (moving average)", ["teacher"])
+TEACHER_METRIC = Gauge(
+    "distill_teacher_metric", "Progressive (predict-before-train) metric", ["teacher", "task", "metric", "window"]
+)
+TEACHER_CKPT_AGE = Gauge(
+    "distill_teacher_checkpoint_timestamp_seconds", "Unix time of the last durable checkpoint", ["teacher"]
+)
+TEACHER_CKPT_SECONDS = Histogram(
+    "distill_teacher_checkpoint_seconds", "Time to write a checkpoint", ["teacher"], buckets=LATENCY_BUCKETS
+)
+TEACHER_THROUGHPUT = Gauge(
+    "distill_teacher_examples_per_second", "Examples labelled per second (moving average)", ["teacher"]
+)
 
 # -- students -----------------------------------------------------------------------------------
 STUDENT_EXAMPLES = Counter("distill_student_examples_trained_total", "Examples trained on", ["student"])
 STUDENT_BATCHES = Counter("distill_student_batches_trained_total", "Example batches trained on", ["student"])
-STUDENT_JOIN = Counter("distill_student_join_total", "Join outcomes per example batch or label batch", ["student", "outcome"])
-STUDENT_COVERAGE = Gauge("distill_student_label_coverage", "Fraction of recent batches trained with a teacher label", ["student"])
-STUDENT_LABEL_DELAY = Histogram("distill_student_label_delay_seconds", "Label arrival minus example arrival", ["student"], buckets=DELAY_BUCKETS)
+STUDENT_JOIN = Counter(
+    "distill_student_join_total", "Join outcomes per example batch or label batch", ["student", "outcome"]
+)
+STUDENT_COVERAGE = Gauge(
+    "distill_student_label_coverage", "Fraction of recent batches trained with a teacher label", ["student"]
+)
+STUDENT_LABEL_DELAY = Histogram(
+    "distill_student_label_delay_seconds", "Label arrival minus example arrival", ["student"], buckets=DELAY_BUCKETS
+)
 STUDENT_LOSS = Gauge("distill_student_loss", "Training loss of the last step", ["student", "task", "head"])
-STUDENT_METRIC = Gauge("distill_student_metric", "Progressive (predict-before-train) metric; head=teacher scores the teacher's labels", ["student", "task", "head", "metric", "window"])
-STUDENT_NAN = Counter("distill_student_nan_losses_total", "Training steps skipped for a NaN or infinite loss", ["student"])
+STUDENT_METRIC = Gauge(
+    "distill_student_metric",
+    "Progressive (predict-before-train) metric; head=teacher scores the teacher's labels",
+    ["student", "task", "head", "metric", "window"],
+)
+STUDENT_NAN = Counter(
+    "distill_student_nan_losses_total", "Training steps skipped for a NaN or infinite loss", ["student"]
+)
 STUDENT_PENDING = Gauge("distill_student_pending_batches", "Example batches waiting in the join buffers", ["student"])
 STUDENT_PAUSED = Gauge("distill_student_paused_partitions", "Partitions paused by back-pressure", ["student", "topic"])
-STUDENT_CKPT_AGE = Gauge("distill_student_checkpoint_timestamp_seconds", "Unix time of the last durable checkpoint", ["student"])
-STUDENT_CKPT_SECONDS = Histogram("distill_student_checkpoint_seconds", "Time to write a checkpoint", ["student"], buckets=LATENCY_BUCKETS)
-STUDENT_CKPT_FAILURES = Counter("distill_student_checkpoint_failures_total", "Checkpoints that could not be written", ["student"])
-STUDENT_EXPORT_VERSION = Gauge("distill_student_export_version", "Version of the newest exported serving model", ["student"])
-STUDENT_THROUGHPUT = Gauge("distill_student_examples_per_second", "Examples trained per second (moving average)", ["student"])
+STUDENT_CKPT_AGE = Gauge(
+    "distill_student_checkpoint_timestamp_seconds", "Unix time of the last durable checkpoint", ["student"]
+)
+STUDENT_CKPT_SECONDS = Histogram(
+    "distill_student_checkpoint_seconds", "Time to write a checkpoint", ["student"], buckets=LATENCY_BUCKETS
+)
+STUDENT_CKPT_FAILURES = Counter(
+    "distill_student_checkpoint_failures_total", "Checkpoints that could not be written", ["student"]
+)
+STUDENT_EXPORT_VERSION = Gauge(
+    "distill_student_export_version", "Version of the newest exported serving model", ["student"]
+)
+STUDENT_THROUGHPUT = Gauge(
+    "distill_student_examples_per_second", "Examples trained per second (moving average)", ["student"]
+)
 
 
 def metric_names() -> set[str]:

@@ -39,8 +39,9 @@ class CrossLayer(nn.Module):
 
 
 class RankingModel(nn.Module):
-    def __init__(self, features: FeaturesConfig, tasks: list[TaskConfig], model: ModelConfig,
-                 aux_tasks: list[str] | None = None):
+    def __init__(
+        self, features: FeaturesConfig, tasks: list[TaskConfig], model: ModelConfig, aux_tasks: list[str] | None = None
+    ):
         super().__init__()
         self.task_names = [t.name for t in tasks]
         self.aux_tasks = list(aux_tasks or [])
@@ -77,8 +78,9 @@ class RankingModel(nn.Module):
         return self._flops
 
     def param_count(self, serving_only: bool = False) -> int:
-        return sum(p.numel() for name, p in self.named_parameters()
-                   if not (serving_only and name.startswith("aux_head")))
+        return sum(
+            p.numel() for name, p in self.named_parameters() if not (serving_only and name.startswith("aux_head"))
+        )
 
     def embed(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         hashed = torch.remainder(categorical * _HASH_MULTIPLIER, self.buckets)

@@ -25,8 +25,7 @@ def _clean(value: Any) -> Any:
 
 
 class ProgressLog:
-    def __init__(self, directory: Path, role: str, name: str, every_s: float = 1.0,
-                 every_examples: int = 5000):
+    def __init__(self, directory: Path, role: str, name: str, every_s: float = 1.0, every_examples: int = 5000):
         directory.mkdir(parents=True, exist_ok=True)
         self.lines = directory / f"{role}-{name}.jsonl"
         self.summary = directory / f"{role}-{name}.summary.json"
@@ -37,8 +36,7 @@ class ProgressLog:
         self._last_examples = 0
 
     def due(self, examples: int = 0) -> bool:
-        return (time.monotonic() - self._last >= self.every_s
-                or examples - self._last_examples >= self.every_examples)
+        return time.monotonic() - self._last >= self.every_s or examples - self._last_examples >= self.every_examples
 
     def write(self, record: dict[str, Any], examples: int = 0) -> None:
         self._last = time.monotonic()

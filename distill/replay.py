@@ -48,8 +48,10 @@ def parse_offsets(text: str | None, flag: str) -> Offsets:
     except ValueError:
         values = [-1]
     if min(values) < 0:
-        raise ConfigError(f"{flag} {text!r}: give one offset for every partition (1200) or "
-                          "partition:offset pairs (0:1200,1:800), all non-negative")
+        raise ConfigError(
+            f"{flag} {text!r}: give one offset for every partition (1200) or "
+            "partition:offset pairs (0:1200,1:800), all non-negative"
+        )
     return offsets
 
 
@@ -67,8 +69,10 @@ def parse_time(text: str | None, flag: str, now_ms: int) -> int | None:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError(f"{flag} {text!r}: use ISO 8601 (2024-05-01T12:00:00Z), epoch "
-                          "milliseconds, now or now-<N><s|m|h|d> (now-2h)") from None
+        raise ConfigError(
+            f"{flag} {text!r}: use ISO 8601 (2024-05-01T12:00:00Z), epoch "
+            "milliseconds, now or now-<N><s|m|h|d> (now-2h)"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
@@ -88,22 +92,32 @@ class Window:
     time_kind: TimeKind = "kafka"
 
     @classmethod
-    def parse(cls, from_offset: str | None = None, to_offset: str | None = None,
-              from_time: str | None = None, to_time: str | None = None,
-              time_kind: str = "kafka", now_ms: int | None = None) -> Window:
+    def parse(
+        cls,
+        from_offset: str | None = None,
+        to_offset: str | None = None,
+        from_time: str | None = None,
+        to_time: str | None = None,
+        time_kind: str = "kafka",
+        now_ms: int | None = None,
+    ) -> Window:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         if time_kind not in ("kafka", "event"):
-            raise ConfigError(f"--time-kind {time_kind!r}: use kafka (message timestamps) or "
-                              "event (the batches' event times)")
-        window = cls(parse_offsets(from_offset, "--from-offset"),
-                     parse_offsets(to_offset, "--to-offset"),
-                     parse_time(from_time, "--from-time", now_ms),
-                     parse_time(to_time, "--to-time", now_ms),
-                     time_kind)  # type: ignore[arg-type]
+            raise ConfigError(
+                f"--time-kind {time_kind!r}: use kafka (message timestamps) or event (the batches' event times)"
+            )
+        window = cls(
+            parse_offsets(from_offset, "--from-offset"),
+            parse_offsets(to_offset, "--to-offset"),
+            parse_time(from_time, "--from-time", now_ms),
+            parse_time(to_time, "--to-time", now_ms),
+            time_kind,
+        )  # type: ignore[arg-type]
         a, b = window.from_ms, window.to_ms
         if a is not None and b is not None and a >= b:
-            raise ConfigError(f"--from-time ({iso_ms(window.from_ms)}) must be before --to-time "
-                              f"({iso_ms(window.to_ms)})")
+            raise ConfigError(
+                f"--from-time ({iso_ms(window.from_ms)}) must be before --to-time ({iso_ms(window.to_ms)})"
+            )
         return window
 
     def first(self, p: int) -> int | None:
@@ -116,18 +130,22 @@ class Window:
         for flag, offsets in (("--from-offset", self.from_offset), ("--to-offset", self.to_offset)):
             if isinstance(offsets, dict) and any(p >= partitions for p in offsets):
                 bad = sorted(p for p in offsets if p >= partitions)
-                raise ConfigError(f"{flag}: topic {topic!r} has partitions 0..{partitions - 1}, "
-                                  f"not {bad}")
+                raise ConfigError(f"{flag}: topic {topic!r} has partitions 0..{partitions - 1}, not {bad}")
         for p in range(partitions):
             a, b = self.first(p), self.end(p)
             if a is not None and b is not None and a >= b:
-                raise ConfigError(f"partition {p}: --from-offset {a} is not before --to-offset {b} "
-                                  "(the end is exclusive)")
+                raise ConfigError(
+                    f"partition {p}: --from-offset {a} is not before --to-offset {b} (the end is exclusive)"
+                )
 
     def describe(self) -> dict[str, Any]:
-        return {"from_offset": self.from_offset, "to_offset": self.to_offset,
-                "from_time": iso_ms(self.from_ms), "to_time": iso_ms(self.to_ms),
-                "time_kind": self.time_kind}
+        return {
+            "from_offset": self.from_offset,
+            "to_offset": self.to_offset,
+            "from_time": iso_ms(self.from_ms),
+            "to_time": iso_ms(self.to_ms),
+            "time_kind": self.time_kind,
+        }
 
 
 def iso_ms(ms: int | None) -> str | None:
@@ -166,9 +184,17 @@ def merge_in_event_order(per_partition: dict[int, list[ExampleBatch]]) -> list[E
     return list(heapq.merge(*streams, key=lambda b: int(b.event_time_ms.min())))
 
 
-def read_window(config: Config, window: Window, group_id: str, *, max_bytes: int,
-                idle_s: float = 1.5, first_wait_s: float = 10.0, started_ms: int | None = None,
-                on_batch: Callable[[int], None] | None = None) -> WindowData:
+def read_window(
+    config: Config,
+    window: Window,
+    group_id: str,
+    *,
+    max_bytes: int,
+    idle_s: float = 1.5,
+    first_wait_s: float = 10.0,
+    started_ms: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> WindowData:
     """Read the window into memory, decoded. Assigned partitions, ``group_id`` never commits."""
     started = time.monotonic()
     started_ms = int(time.time() * 1000) if started_ms is None else started_ms
@@ -178,15 +204,18 @@ def read_window(config: Config, window: Window, group_id: str, *, max_bytes: int
     wait_for_broker(admin, 30)
     count = partition_count(admin, topic)
     if count is None:
-        raise ConfigError(f"topic {topic!r} does not exist on {config.kafka.bootstrap_servers}; "
-                          "check topics.examples in the config or produce data first")
+        raise ConfigError(
+            f"topic {topic!r} does not exist on {config.kafka.bootstrap_servers}; "
+            "check topics.examples in the config or produce data first"
+        )
     window.check(count, topic)
     # enable.auto.commit is off in every consumer the factory makes; the offset store too, so
     # nothing could be committed even by an explicit call. assign(): no group join.
     consumer = clients.consumer(group_id, **{"enable.auto.offset.store": False})
     try:
-        return _consume_window(consumer, config, window, count, max_bytes, (first_wait_s, idle_s),
-                               started, started_ms, on_batch)
+        return _consume_window(
+            consumer, config, window, count, max_bytes, (first_wait_s, idle_s), started, started_ms, on_batch
+        )
     finally:
         consumer.close()
 
@@ -196,7 +225,8 @@ def _start_offsets(consumer: Any, topic: str, count: int, window: Window) -> dic
     if window.time_kind == "kafka" and window.from_ms is not None:
         try:
             found = consumer.offsets_for_times(
-                [TopicPartition(topic, p, window.from_ms) for p in range(count)], timeout=10)
+                [TopicPartition(topic, p, window.from_ms) for p in range(count)], timeout=10
+            )
         except KafkaException as exc:
             # Reading from the start and filtering by timestamp gives the same window.
             log.warning("offsets_for_times failed (%s); filtering by timestamp instead", exc)
@@ -209,9 +239,17 @@ def _start_offsets(consumer: Any, topic: str, count: int, window: Window) -> dic
     return {p: OFFSET_BEGINNING if o is None else o for p, o in starts.items()}
 
 
-def _consume_window(consumer: Any, config: Config, window: Window, count: int, max_bytes: int,
-                    waits: tuple[float, float], started: float, started_ms: int,
-                    on_batch: Callable[[int], None] | None) -> WindowData:
+def _consume_window(
+    consumer: Any,
+    config: Config,
+    window: Window,
+    count: int,
+    max_bytes: int,
+    waits: tuple[float, float],
+    started: float,
+    started_ms: int,
+    on_batch: Callable[[int], None] | None,
+) -> WindowData:
     topic = config.topics.examples
     codec = Codec(config.wire.non_finite)
     starts = _start_offsets(consumer, topic, count, window)
@@ -257,7 +295,8 @@ def _consume_window(consumer: Any, config: Config, window: Window, count: int, m
                 raise ConfigError(
                     f"the window holds more than {max_bytes // 2**20} MiB of example batches "
                     f"(partition {p} offset {off}); narrow it with --from-time/--from-offset or "
-                    "raise --max-window-mb")
+                    "raise --max-window-mb"
+                )
             problem = _take(msg, codec, config, window, seen, per_partition[p], skipped)
             first_problem = first_problem or problem
             if problem is None:
@@ -276,18 +315,29 @@ def _consume_window(consumer: Any, config: Config, window: Window, count: int, m
         _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
         reached = info[p]["end"] if p in info else max(starts[p], 0)
         if 0 <= reached < min(high, ends.get(p, math.inf)):
-            raise BrokerError(f"partition {p} of {topic!r} stopped answering at offset {reached} "
-                              f"of {high}; check the broker and run the sweep again")
+            raise BrokerError(
+                f"partition {p} of {topic!r} stopped answering at offset {reached} "
+                f"of {high}; check the broker and run the sweep again"
+            )
     batches = merge_in_event_order(per_partition)
     if not batches:
         hint = f"; the first unusable batch: {first_problem}" if first_problem else ""
-        raise ConfigError(f"the window holds no usable example batches in topic {topic!r} "
-                          f"({window.describe()}){hint}; produce data or widen the window")
+        raise ConfigError(
+            f"the window holds no usable example batches in topic {topic!r} "
+            f"({window.describe()}){hint}; produce data or widen the window"
+        )
     return WindowData(batches, info, skipped, total_bytes, time.monotonic() - started)
 
 
-def _take(msg: Any, codec: Codec, config: Config, window: Window, seen: set[str],
-          into: list[ExampleBatch], skipped: dict[str, int]) -> str | None:
+def _take(
+    msg: Any,
+    codec: Codec,
+    config: Config,
+    window: Window,
+    seen: set[str],
+    into: list[ExampleBatch],
+    skipped: dict[str, int],
+) -> str | None:
     """Decode one message into ``into``; returns why it was skipped (None: taken)."""
     _, ts = msg.timestamp()
     if window.time_kind == "kafka" and window.from_ms is not None and ts < window.from_ms:
@@ -312,12 +362,11 @@ def _take(msg: Any, codec: Codec, config: Config, window: Window, seen: set[str]
     if window.time_kind == "event":
         first = int(batch.event_time_ms.min())
         if (window.from_ms is not None and first < window.from_ms) or (
-                window.to_ms is not None and first >= window.to_ms):
+            window.to_ms is not None and first >= window.to_ms
+        ):
             skipped["outside_window"] += 1
             return "event time outside the window"
     seen.add(batch.batch_id)
     batch.truth = None  # evaluation-only column: not needed, not kept in memory
     into.append(batch)
     return None
-
-

@@ -35,8 +35,14 @@ def _markdown(report: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def row(name: str, mode: str, entry: dict, join: str) -> str:
-        cells = [name, mode, f"{entry.get('params') or 0:,}", f"{entry.get('examples_trained', entry.get('examples_labeled', 0)):,}",
-                 f"{entry.get('examples_per_s') or 0:,.0f}", join]
+        cells = [
+            name,
+            mode,
+            f"{entry.get('params') or 0:,}",
+            f"{entry.get('examples_trained', entry.get('examples_labeled', 0)):,}",
+            f"{entry.get('examples_per_s') or 0:,.0f}",
+            join,
+        ]
         for task in tasks:
             for key, value in entry["metrics"][task].items():
                 cell = "-" if value is None else f"{value:.4f}"
@@ -51,8 +57,14 @@ def _markdown(report: dict) -> str:
     for name, s in report["students"].items():
         j = s["join"]
         lines.append(row(name, s["mode"], s, f"{j['joined']}/{j['missing']}/{j['late']}/{j['duplicate']}"))
-    lines += ["", "Numbers in brackets: difference to the `none` student (distillation off). "
-              "Lower log loss / RMSE and higher AUC are better.", "", "![progress](report.png)", ""]
+    lines += [
+        "",
+        "Numbers in brackets: difference to the `none` student (distillation off). "
+        "Lower log loss / RMSE and higher AUC are better.",
+        "",
+        "![progress](report.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 

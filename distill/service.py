@@ -59,8 +59,15 @@ def configure_logging(role: str, worker: str, level: str | None = None) -> None:
 class Service:
     """Holds a worker's health state and HTTP server; runs its step function until stopped."""
 
-    def __init__(self, role: str, worker: str, port: int = 0, host: str = "0.0.0.0",
-                 health_timeout_s: float = 60.0, stop_deadline_s: float = 60.0):
+    def __init__(
+        self,
+        role: str,
+        worker: str,
+        port: int = 0,
+        host: str = "0.0.0.0",
+        health_timeout_s: float = 60.0,
+        stop_deadline_s: float = 60.0,
+    ):
         self.role, self.worker = role, worker
         self.host, self.port = host, port
         self.health_timeout_s = health_timeout_s

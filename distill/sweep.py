@@ -113,8 +113,7 @@ def _read_candidates_file(path: Path) -> dict[str, Any]:
 
 def _entry_error(err: dict, loc: str) -> str:
     if err["type"] == "extra_forbidden" and len(err["loc"]) == 3 and err["loc"][0] == "candidates":
-        return (f"{loc}: unknown key; a candidate has a `name` and a `model` table, e.g. "
-                "model = { hidden = [128] }")
+        return f"{loc}: unknown key; a candidate has a `name` and a `model` table, e.g. model = {{ hidden = [128] }}"
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown key; allowed: candidates, grid"
     return f"{loc}: {err['msg']}"
@@ -147,8 +146,7 @@ def load_candidates(path: Path, base: ModelConfig) -> list[Candidate]:
     except ValidationError as exc:
         lines = [_entry_error(e, ".".join(str(p) for p in e["loc"])) for e in exc.errors()]
         raise ConfigError(f"candidates file {path} is invalid:\n  " + "\n  ".join(lines)) from None
-    entries = [(f"candidates[{i}] ({e.name!r})", e.name, e.model)
-               for i, e in enumerate(spec.candidates)]
+    entries = [(f"candidates[{i}] ({e.name!r})", e.name, e.model) for i, e in enumerate(spec.candidates)]
     errors: list[str] = []
     for key, values in spec.grid.items():
         if key not in _MODEL_FIELDS:
@@ -161,8 +159,9 @@ def load_candidates(path: Path, base: ModelConfig) -> list[Candidate]:
             name = ",".join(f"{k}={_short(v)}" for k, v in zip(keys, combo, strict=True))
             entries.append((f"grid ({name!r})", name, dict(zip(keys, combo, strict=True))))
     if not entries and not errors:
-        errors.append("no candidates: add [[candidates]] entries (a name and a partial teacher "
-                      "model) or a [grid] table")
+        errors.append(
+            "no candidates: add [[candidates]] entries (a name and a partial teacher model) or a [grid] table"
+        )
     out: list[Candidate] = []
     seen: dict[str, str] = {}
     for where, name, partial in entries:
@@ -176,8 +175,7 @@ def load_candidates(path: Path, base: ModelConfig) -> list[Candidate]:
             errors += _model_errors(exc, where)
             continue
         if model.kind != "ranking":
-            errors.append(f"{where}.model.kind: a {model.kind!r} teacher learns nothing; "
-                          "sweep ranking models only")
+            errors.append(f"{where}.model.kind: a {model.kind!r} teacher learns nothing; sweep ranking models only")
             continue
         out.append(Candidate(name, model))
     if errors:
@@ -186,6 +184,7 @@ def load_candidates(path: Path, base: ModelConfig) -> list[Candidate]:
 
 
 # -- the models: teacher (predict, then train) and proxy students --------------------------
+
 
 @dataclass
 class _Tensors:
@@ -278,8 +277,17 @@ class ProxyStudent:
         with autocast(self.device):
             main, aux = self.model(b.cat, b.dense)
         self.scores.update(main.detach().float().cpu().numpy(), b.labels_np)
-        loss, _ = student_loss(self.mode, main, aux, b.labels, teacher, self.kinds,  # type: ignore[arg-type]
-                               self.distilled, self.sc.soft_weight, self.sc.temperature)
+        loss, _ = student_loss(
+            self.mode,
+            main,
+            aux,
+            b.labels,
+            teacher,
+            self.kinds,  # type: ignore[arg-type]
+            self.distilled,
+            self.sc.soft_weight,
+            self.sc.temperature,
+        )
         if torch.isfinite(loss):
             loss.backward()
             self.optimizer.step()
@@ -315,8 +323,9 @@ class _ProxyScores:
 class CandidateArm(_ProxyScores):
     """A candidate teacher and the proxy student that distils from it."""
 
-    def __init__(self, config: Config, candidate: Candidate, proxy: StudentConfig,
-                 device: torch.device, task: str, metric: str):
+    def __init__(
+        self, config: Config, candidate: Candidate, proxy: StudentConfig, device: torch.device, task: str, metric: str
+    ):
         self.name, self.candidate = candidate.name, candidate
         self.teacher = SweepTeacher(config, candidate.model, device)
         self.student = ProxyStudent(config, proxy, "aux", device)
@@ -347,8 +356,7 @@ class BaselineArm(_ProxyScores):
 
     name = "none"
 
-    def __init__(self, config: Config, proxy: StudentConfig, device: torch.device, task: str,
-                 metric: str):
+    def __init__(self, config: Config, proxy: StudentConfig, device: torch.device, task: str, metric: str):
         self.student = ProxyStudent(config, proxy, "none", device)
         self.task, self.metric = task, metric
         self.examples = 0
@@ -382,15 +390,24 @@ def pick_task(config: Config, task: str | None) -> tuple[str, str]:
 
 # -- the sweep -----------------------------------------------------------------------------
 
+
 def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def sweep_batches(config: Config, candidates: Sequence[Candidate], batches: Sequence[ExampleBatch],
-                  budget: Budget, *, objective: str = "gain", task: str | None = None,
-                  device: str | None = None, warmup: float = DEFAULT_WARMUP,
-                  on_plan: Callable[[Plan], None] | None = None,
-                  on_step: Callable[[Rung, int], None] | None = None) -> dict[str, Any]:
+def sweep_batches(
+    config: Config,
+    candidates: Sequence[Candidate],
+    batches: Sequence[ExampleBatch],
+    budget: Budget,
+    *,
+    objective: str = "gain",
+    task: str | None = None,
+    device: str | None = None,
+    warmup: float = DEFAULT_WARMUP,
+    on_plan: Callable[[Plan], None] | None = None,
+    on_step: Callable[[Rung, int], None] | None = None,
+) -> dict[str, Any]:
     """The sweep on batches in memory (already in replay order): plan, halve, report."""
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
@@ -410,26 +427,37 @@ def sweep_batches(config: Config, candidates: Sequence[Candidate], batches: Sequ
 
     halving = successive_halving(arms, baseline, sizes, plan, budget, objective, prepare, on_step)
     by_name = {a.name: a for a in arms}
-    ranked = [_candidate_report(by_name[n], halving, rank + 1, len(plan.rungs))
-              for rank, n in enumerate(halving.ranking)]
+    ranked = [
+        _candidate_report(by_name[n], halving, rank + 1, len(plan.rungs)) for rank, n in enumerate(halving.ranking)
+    ]
     winner = ranked[0]["name"] if ranked and ranked[0]["examples"] else None
     return {
-        "task": task, "metric": metric, "objective": objective, "device": str(dev),
+        "task": task,
+        "metric": metric,
+        "objective": objective,
+        "device": str(dev),
         "winner": winner,
-        "plan": {"first_batch": plan.first,
-                 "left_out_examples": int(sum(sizes[:plan.first])),
-                 "cost_examples": plan.cost,
-                 "warmup": None if plan.warmup is None else {
-                     "share": warmup, "batches": [plan.warmup.start, plan.warmup.end],
-                     "examples": plan.warmup.examples},
-                 "rungs": [{"rung": r.index + 1, "batches": [r.start, r.end],
-                            "examples": r.examples, "candidates": r.candidates}
-                           for r in plan.rungs]},
+        "plan": {
+            "first_batch": plan.first,
+            "left_out_examples": int(sum(sizes[: plan.first])),
+            "cost_examples": plan.cost,
+            "warmup": None
+            if plan.warmup is None
+            else {"share": warmup, "batches": [plan.warmup.start, plan.warmup.end], "examples": plan.warmup.examples},
+            "rungs": [
+                {"rung": r.index + 1, "batches": [r.start, r.end], "examples": r.examples, "candidates": r.candidates}
+                for r in plan.rungs
+            ],
+        },
         "budget": budget.describe() | {"exhausted": halving.stopped},
-        "proxy": {"from_student": proxy_from, "model": proxy.model.model_dump(),
-                  "soft_weight": proxy.soft_weight, "temperature": proxy.temperature,
-                  "distill_tasks": proxy.distill_tasks,
-                  "params": baseline.student.model.param_count()},
+        "proxy": {
+            "from_student": proxy_from,
+            "model": proxy.model.model_dump(),
+            "soft_weight": proxy.soft_weight,
+            "temperature": proxy.temperature,
+            "distill_tasks": proxy.distill_tasks,
+            "params": baseline.student.model.param_count(),
+        },
         "baseline": {"examples": baseline.examples, "metrics": baseline.student.scores.summary()},
         "candidates": ranked,
     }
@@ -442,21 +470,28 @@ def _candidate_report(arm: CandidateArm, halving: Halving, rank: int, rungs: int
     gain = last.get("gain", float("nan"))
     base_total = halving.baseline_total.get(res.reached, float("nan"))
     return {
-        "rank": rank, "name": arm.name, "model": arm.candidate.model.model_dump(),
-        "rung_reached": res.reached + 1, "rungs": rungs,
+        "rank": rank,
+        "name": arm.name,
+        "model": arm.candidate.model.model_dump(),
+        "rung_reached": res.reached + 1,
+        "rungs": rungs,
         "eliminated_at_rung": None if res.eliminated_at is None else res.eliminated_at + 1,
         "examples": res.examples,
         "teacher": {
             "params": arm.teacher.model.param_count(),
             "flops_per_example": arm.teacher.model.flops_per_example,
             "gflop_per_1k_examples": cost["gflop_per_1k"],
-            "seconds": arm.teacher_s, "seconds_per_1k_examples": cost["seconds_per_1k"],
-            "nan_steps": arm.teacher.nan_steps, "metrics": arm.teacher.scores.summary(),
+            "seconds": arm.teacher_s,
+            "seconds_per_1k_examples": cost["seconds_per_1k"],
+            "nan_steps": arm.teacher.nan_steps,
+            "metrics": arm.teacher.scores.summary(),
         },
         "proxy": {
-            "gain": gain, "loss": last.get("proxy_loss"),
+            "gain": gain,
+            "loss": last.get("proxy_loss"),
             "baseline_loss": last.get("baseline_loss"),
-            "gain_cumulative": base_total - arm.total_loss(), "seconds": arm.student_s,
+            "gain_cumulative": base_total - arm.total_loss(),
+            "seconds": arm.student_s,
             "metrics": arm.student.scores.summary(),
         },
         "gain_per_gflop": score("gain-per-gflop", gain, cost),
@@ -466,17 +501,33 @@ def _candidate_report(arm: CandidateArm, halving: Halving, rank: int, rungs: int
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True,
-                    disable=not console.is_terminal)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
 
 
-def run_sweep(config: Config, candidates_path: Path, window: Window, *,
-              budget_examples: int | None = None, budget_seconds: float | None = None,
-              output: Path | None = None, objective: str = "gain", task: str | None = None,
-              device: str | None = None, warmup: float = DEFAULT_WARMUP,
-              max_window_mb: int = 2048,
-              console: Console | None = None, run_id: str | None = None) -> dict[str, Any]:
+def run_sweep(
+    config: Config,
+    candidates_path: Path,
+    window: Window,
+    *,
+    budget_examples: int | None = None,
+    budget_seconds: float | None = None,
+    output: Path | None = None,
+    objective: str = "gain",
+    task: str | None = None,
+    device: str | None = None,
+    warmup: float = DEFAULT_WARMUP,
+    max_window_mb: int = 2048,
+    console: Console | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
     """Everything ``distill sweep`` does except printing: returns the report it wrote."""
     budget = Budget(budget_examples, budget_seconds)  # the seconds count from here
     started_ms = int(time.time() * 1000)
@@ -493,9 +544,14 @@ def run_sweep(config: Config, candidates_path: Path, window: Window, *,
     console = console or Console(stderr=True)
     with _progress(console) as progress:
         reading = progress.add_task("reading the window", total=None)
-        data = read_window(config, window, group_id, max_bytes=max_window_mb * 2**20,
-                           started_ms=started_ms,
-                           on_batch=lambda n: progress.advance(reading, n))
+        data = read_window(
+            config,
+            window,
+            group_id,
+            max_bytes=max_window_mb * 2**20,
+            started_ms=started_ms,
+            on_batch=lambda n: progress.advance(reading, n),
+        )
         progress.remove_task(reading)
         bar: dict[str, Any] = {}
 
@@ -505,21 +561,37 @@ def run_sweep(config: Config, candidates_path: Path, window: Window, *,
 
         def on_step(rung: Rung, n: int) -> None:
             what = "warm-up" if rung.index < 0 else f"rung {rung.index + 1}/{bar['rungs']}"
-            progress.update(bar["task"], advance=n,
-                            description=f"{what}: {rung.candidates} candidates")
+            progress.update(bar["task"], advance=n, description=f"{what}: {rung.candidates} candidates")
 
-        report = sweep_batches(config, candidates, data.batches, budget, objective=objective,
-                               task=task, device=device, warmup=warmup, on_plan=on_plan,
-                               on_step=on_step)
+        report = sweep_batches(
+            config,
+            candidates,
+            data.batches,
+            budget,
+            objective=objective,
+            task=task,
+            device=device,
+            warmup=warmup,
+            on_plan=on_plan,
+            on_step=on_step,
+        )
     report = {
-        "run_id": run_id, "group_id": group_id, "created": iso_ms(started_ms),
-        "candidates_file": str(candidates_path), "topic": config.topics.examples,
-        "window": window.describe() | {
-            "batches": len(data.batches), "examples": data.examples,
+        "run_id": run_id,
+        "group_id": group_id,
+        "created": iso_ms(started_ms),
+        "candidates_file": str(candidates_path),
+        "topic": config.topics.examples,
+        "window": window.describe()
+        | {
+            "batches": len(data.batches),
+            "examples": data.examples,
             "first_event_time": iso_ms(min(int(b.event_time_ms.min()) for b in data.batches)),
             "last_event_time": iso_ms(max(int(b.event_time_ms.max()) for b in data.batches)),
             "partitions": {str(p): v for p, v in sorted(data.partitions.items())},
-            "skipped": data.skipped, "bytes": data.bytes, "read_seconds": data.seconds},
+            "skipped": data.skipped,
+            "bytes": data.bytes,
+            "read_seconds": data.seconds,
+        },
         **report,
         "seconds": budget.elapsed(),
     }
@@ -528,6 +600,7 @@ def run_sweep(config: Config, candidates_path: Path, window: Window, *,
 
 
 # -- output ----------------------------------------------------------------------------------
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float):
@@ -560,8 +633,7 @@ def winner_toml(report: dict[str, Any]) -> str:
         f"# distill sweep {report.get('run_id', '')}: {win['name']!r} won among "
         f"{len(report['candidates'])} candidates ({how}).",
         "# Use it over the config the sweep ran with: paste the table into that file, or run",
-        f"#   DISTILL_TEACHER__MODEL='{json.dumps(model, separators=(',', ':'))}' "
-        "distill teacher --config CONFIG",
+        f"#   DISTILL_TEACHER__MODEL='{json.dumps(model, separators=(',', ':'))}' distill teacher --config CONFIG",
         "",
         "[teacher.model]",
         *(f"{k} = {_toml_value(v)}" for k, v in model.items()),
@@ -596,23 +668,42 @@ def render_table(report: dict[str, Any]) -> Table:
     table = Table(
         box=box.SIMPLE_HEAD,
         title=f"distill sweep: gain = `none` student's {task} {metric} - aux proxy's "
-              f"(objective {report['objective']}"
-              + (f"; --budget-{spent} ran out)" if spent else ")"),
+        f"(objective {report['objective']}" + (f"; --budget-{spent} ran out)" if spent else ")"),
         caption="teacher metrics: progressive, on what it processed; cost: teacher compute "
-                "(label + train) per 1,000 examples; * winner")
+        "(label + train) per 1,000 examples; * winner",
+    )
     binary = metric == "logloss"
-    cols = ["#", "candidate", "rung", "examples", *(["AUC"] if binary else []), metric, "gain",
-            "params", "kFLOP/ex", "teacher s", "gain/GFLOP", "gain/s"]
+    cols = [
+        "#",
+        "candidate",
+        "rung",
+        "examples",
+        *(["AUC"] if binary else []),
+        metric,
+        "gain",
+        "params",
+        "kFLOP/ex",
+        "teacher s",
+        "gain/GFLOP",
+        "gain/s",
+    ]
     for col in cols:
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for c in report["candidates"]:
         t = c["teacher"]
         tm = t["metrics"].get(task, {})
         table.add_row(
-            str(c["rank"]), c["name"] + (" *" if c["name"] == report["winner"] else ""),
-            f"{c['rung_reached']}/{c['rungs']}", f"{c['examples']:,}",
-            *([_f(tm.get("auc"))] if binary else []), _f(tm.get(metric)),
-            _f(c["proxy"]["gain"], "+.4f"), f"{t['params']:,}",
-            _f(t["flops_per_example"] / 1e3, ",.1f"), _f(t["seconds"], ".1f"),
-            _f(c["gain_per_gflop"], "+.3g"), _f(c["gain_per_second"], "+.3g"))
+            str(c["rank"]),
+            c["name"] + (" *" if c["name"] == report["winner"] else ""),
+            f"{c['rung_reached']}/{c['rungs']}",
+            f"{c['examples']:,}",
+            *([_f(tm.get("auc"))] if binary else []),
+            _f(tm.get(metric)),
+            _f(c["proxy"]["gain"], "+.4f"),
+            f"{t['params']:,}",
+            _f(t["flops_per_example"] / 1e3, ",.1f"),
+            _f(t["seconds"], ".1f"),
+            _f(c["gain_per_gflop"], "+.3g"),
+            _f(c["gain_per_second"], "+.3g"),
+        )
     return table

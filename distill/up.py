@@ -50,8 +50,9 @@ class Child:
         out = open(self.log_path, "ab")
         # Own session: a Ctrl-C in the terminal reaches ``distill up`` only, which then stops
         # the children in order.
-        self.process = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True, preexec_fn=die_with_parent)
+        self.process = subprocess.Popen(
+            self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent
+        )
         out.close()
 
     def poll(self) -> int | None:
@@ -100,9 +101,18 @@ def _last_line(path: Path) -> dict | None:
 
 
 class Pipeline:
-    def __init__(self, config: Config, source: str, examples: int | None, duration: float | None,
-                 report_dir: Path, bootstrap: str | None, prometheus: bool, live: bool | None = None,
-                 producer_args: list[str] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        source: str,
+        examples: int | None,
+        duration: float | None,
+        report_dir: Path,
+        bootstrap: str | None,
+        prometheus: bool,
+        live: bool | None = None,
+        producer_args: list[str] | None = None,
+    ):
         self.config = config
         self.source = source
         self.examples = examples
@@ -142,35 +152,53 @@ class Pipeline:
         logs = self.config.state_dir / "logs"
         kids = []
         port = free_port()
-        kids.append(Child("teacher", self.config.teacher.name,
-                          py + ["teacher", "--config", str(config_path), "--metrics-port", str(port)],
-                          port, logs / "teacher.log"))
+        kids.append(
+            Child(
+                "teacher",
+                self.config.teacher.name,
+                py + ["teacher", "--config", str(config_path), "--metrics-port", str(port)],
+                port,
+                logs / "teacher.log",
+            )
+        )
         for s in self.config.students:
             port = free_port()
-            kids.append(Child("student", s.name,
-                              py + ["student", "--name", s.name, "--config", str(config_path), "--metrics-port", str(port)],
-                              port, logs / f"student-{s.name}.log", extra={"mode": s.mode}))
+            kids.append(
+                Child(
+                    "student",
+                    s.name,
+                    py + ["student", "--name", s.name, "--config", str(config_path), "--metrics-port", str(port)],
+                    port,
+                    logs / f"student-{s.name}.log",
+                    extra={"mode": s.mode},
+                )
+            )
         port = free_port()
         # --hold: the producer keeps its final counters on /metrics until the run ends
         cmd = py + ["produce", self.source, "--config", str(config_path), "--metrics-port", str(port), "--hold"]
         if self.examples:
             cmd += ["--examples", str(self.examples)]
-        kids.append(Child("producer", self.config.producer.producer_id, cmd + self.producer_args, port,
-                          logs / "producer.log"))
+        kids.append(
+            Child("producer", self.config.producer.producer_id, cmd + self.producer_args, port, logs / "producer.log")
+        )
         return kids
 
     def _start_prometheus(self) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
-            print("warning: --prometheus asked, but the prometheus binary is not installed "
-                  "(apt-get install prometheus); continuing without it", file=sys.stderr)
+            print(
+                "warning: --prometheus asked, but the prometheus binary is not installed "
+                "(apt-get install prometheus); continuing without it",
+                file=sys.stderr,
+            )
             return
         state = self.config.state_dir / "prometheus"
         state.mkdir(parents=True, exist_ok=True)
         jobs: dict[str, list[dict]] = {}
         for c in self.children:  # one job per role, one target per process
             jobs.setdefault(f"distill-{c.role}", []).append(
-                {"targets": [f"127.0.0.1:{c.port}"], "labels": {"worker": c.name}})
+                {"targets": [f"127.0.0.1:{c.port}"], "labels": {"worker": c.name}}
+            )
         scrape = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "5s"},
             "scrape_configs": [{"job_name": job, "static_configs": targets} for job, targets in jobs.items()],
@@ -178,10 +206,17 @@ class Pipeline:
         (state / "prometheus.yml").write_text(yaml.safe_dump(scrape, sort_keys=False))
         port = free_port()
         self.prometheus = subprocess.Popen(
-            [binary, f"--config.file={state / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
-             f"--storage.tsdb.path={state / 'data'}"],
-            stdout=open(state / "prometheus.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent)
+            [
+                binary,
+                f"--config.file={state / 'prometheus.yml'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--storage.tsdb.path={state / 'data'}",
+            ],
+            stdout=open(state / "prometheus.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         self.prometheus_url = f"http://127.0.0.1:{port}"
         print(f"prometheus: {self.prometheus_url} (scraping {len(self.children)} processes)")
 
@@ -204,7 +239,10 @@ class Pipeline:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.prometheus is not None and self.prometheus.poll() is not None:
-                return {"url": self.prometheus_url, "error": f"prometheus exited with code {self.prometheus.returncode}"}
+                return {
+                    "url": self.prometheus_url,
+                    "error": f"prometheus exited with code {self.prometheus.returncode}",
+                }
             self._poll_prometheus()
             if self._prom_targets and self._prom_up >= self._prom_targets:
                 break
@@ -237,8 +275,11 @@ class Pipeline:
                     failed = self._wait_ready(group)
                     if failed is not None:
                         break
-            print(f"pipeline up on {self.bootstrap}: producer, teacher, {len(self.config.students)} students; "
-                  f"logs in {self.config.state_dir / 'logs'}", flush=True)
+            print(
+                f"pipeline up on {self.bootstrap}: producer, teacher, {len(self.config.students)} students; "
+                f"logs in {self.config.state_dir / 'logs'}",
+                flush=True,
+            )
             if failed is None:
                 failed = self._watch(started)
             if self.prometheus_url and failed is None:
@@ -247,8 +288,11 @@ class Pipeline:
             self._stop_all()
             signal.signal(signal.SIGINT, previous)
         if failed is not None:
-            print(f"\n{failed.role} {failed.name} exited with code {failed.exit_code}; last lines of {failed.log_path}:\n"
-                  f"{failed.tail()}", file=sys.stderr)
+            print(
+                f"\n{failed.role} {failed.name} exited with code {failed.exit_code}; last lines of {failed.log_path}:\n"
+                f"{failed.tail()}",
+                file=sys.stderr,
+            )
         report = self._report(time.monotonic() - started, targets)
         from distill.report import write_report
 
@@ -308,8 +352,9 @@ class Pipeline:
         teacher = status.get(f"teacher:{self.config.teacher.name}", {})
         if teacher.get("examples_labeled", 0) < produced:
             return False
-        return all(status.get(f"student:{s.name}", {}).get("examples_trained", 0) >= produced
-                   for s in self.config.students)
+        return all(
+            status.get(f"student:{s.name}", {}).get("examples_trained", 0) >= produced for s in self.config.students
+        )
 
     def _watch(self, started: float) -> Child | None:
         from distill.live import LiveView
@@ -401,17 +446,28 @@ class Pipeline:
             },
             "students": students,
             "processes": [
-                {"role": c.role, "name": c.name, "exit_code": c.exit_code, "metrics_url": c.metrics_url,
-                 "log": str(c.log_path)}
+                {
+                    "role": c.role,
+                    "name": c.name,
+                    "exit_code": c.exit_code,
+                    "metrics_url": c.metrics_url,
+                    "log": str(c.log_path),
+                }
                 for c in self.children
             ],
             "prometheus": targets,
         }
 
 
-def run_up(config: Config, source: str, examples: int | None = None, duration: float | None = None,
-           report_dir: Path = Path("report"), bootstrap: str | None = None, prometheus: bool = False,
-           live: bool | None = None, producer_args: list[str] | None = None) -> int:
-    return Pipeline(config, source, examples, duration, report_dir, bootstrap, prometheus, live,
-                    producer_args).run()
-
+def run_up(
+    config: Config,
+    source: str,
+    examples: int | None = None,
+    duration: float | None = None,
+    report_dir: Path = Path("report"),
+    bootstrap: str | None = None,
+    prometheus: bool = False,
+    live: bool | None = None,
+    producer_args: list[str] | None = None,
+) -> int:
+    return Pipeline(config, source, examples, duration, report_dir, bootstrap, prometheus, live, producer_args).run()

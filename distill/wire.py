@@ -123,7 +123,9 @@ class Codec:
         if value is None:
             raise DecodeError("empty", "message has no value")
         if self.max_message_bytes is not None and len(value) > self.max_message_bytes:
-            raise DecodeError("too_large", f"{len(value)} bytes is over wire.max_message_bytes={self.max_message_bytes}")
+            raise DecodeError(
+                "too_large", f"{len(value)} bytes is over wire.max_message_bytes={self.max_message_bytes}"
+            )
         fp_raw = next((v for k, v in (headers or []) if k == SCHEMA_HEADER), None)
         if fp_raw is None:
             raise DecodeError("missing_schema", f"no {SCHEMA_HEADER!r} header; was it written by this codec?")
@@ -139,9 +141,7 @@ class Codec:
         reader = schemas.latest(kind)
         buf = io.BytesIO(value)
         try:
-            record = fastavro.schemaless_reader(
-                buf, writer.parsed, None if writer is reader else reader.parsed
-            )
+            record = fastavro.schemaless_reader(buf, writer.parsed, None if writer is reader else reader.parsed)
         except Exception as exc:  # fastavro raises several types for truncated or garbled bytes
             raise DecodeError("undecodable", f"{kind} could not be read: {type(exc).__name__}: {exc}") from None
         if buf.tell() != len(value):

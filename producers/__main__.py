@@ -31,22 +31,14 @@ def produce(
         str | None,
         typer.Option(help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)."),
     ] = None,
-    max_examples: Annotated[
-        int | None, typer.Option(help="Stop after this many examples (this run).")
-    ] = None,
-    rate: Annotated[
-        float | None, typer.Option(help="Examples per second; default: as fast as possible.")
-    ] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Stop after this many examples (this run).")] = None,
+    rate: Annotated[float | None, typer.Option(help="Examples per second; default: as fast as possible.")] = None,
     speedup: Annotated[
         float | None, typer.Option(help="Replay event time this many times faster than real time.")
     ] = None,
-    position_file: Annotated[
-        Path | None, typer.Option(help="Resume from and record delivered positions here.")
-    ] = None,
+    position_file: Annotated[Path | None, typer.Option(help="Resume from and record delivered positions here.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per batch (message).")] = None,
-    linger_ms: Annotated[
-        float | None, typer.Option(help="Send a partial batch after this long.")
-    ] = None,
+    linger_ms: Annotated[float | None, typer.Option(help="Send a partial batch after this long.")] = None,
     partitioner: Annotated[str | None, typer.Option(help="user or round_robin.")] = None,
     producer_id: Annotated[str | None, typer.Option(help="Prefix of the batch ids.")] = None,
     metrics_port: Annotated[
@@ -58,9 +50,7 @@ def produce(
     ] = None,
     preset: Annotated[
         bool,
-        typer.Option(
-            help="Use the source's features and tasks preset unless the config sets them."
-        ),
+        typer.Option(help="Use the source's features and tasks preset unless the config sets them."),
     ] = True,
 ) -> None:
     """Produce SOURCE (synthetic, movielens or file) into the examples topic."""
@@ -75,11 +65,7 @@ def produce(
         raise typer.Exit(2)
     overrides = {"kafka": {"bootstrap_servers": bootstrap}} if bootstrap else {}
     try:
-        cfg = (
-            load_config_for(source, config, **overrides)
-            if preset
-            else load_config(config, **overrides)
-        )
+        cfg = load_config_for(source, config, **overrides) if preset else load_config(config, **overrides)
         configure_logging("producer", producer_id or cfg.producer.producer_id)
         result = run_producer(
             cfg,

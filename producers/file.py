@@ -34,11 +34,7 @@ def _hash_text(values: np.ndarray) -> np.ndarray:
     """Stable int64 ids for text: hash each distinct value once."""
     uniq, inverse = np.unique(values.astype(str), return_inverse=True)
     hashed = np.array(
-        [
-            int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little")
-            & (2**63 - 1)
-            for v in uniq
-        ],
+        [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") & (2**63 - 1) for v in uniq],
         dtype=np.int64,
     )
     return hashed[inverse.reshape(-1)]
@@ -47,11 +43,7 @@ def _hash_text(values: np.ndarray) -> np.ndarray:
 def _as_int_or_hash(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind in "iub":
         return values.astype(np.int64)
-    if (
-        values.dtype.kind == "f"
-        and np.isfinite(values).all()
-        and (values == np.round(values)).all()
-    ):
+    if values.dtype.kind == "f" and np.isfinite(values).all() and (values == np.round(values)).all():
         return values.astype(np.int64)
     if values.dtype.kind in "US" or values.dtype == object:
         try:
@@ -69,8 +61,7 @@ def _as_float(values: np.ndarray, column: str, path: Path) -> np.ndarray:
         )
     except (ValueError, TypeError) as exc:
         raise ConfigError(
-            f"column {column!r} of {path} is not numeric ({exc}); "
-            "map only numeric columns as dense features or labels"
+            f"column {column!r} of {path} is not numeric ({exc}); map only numeric columns as dense features or labels"
         ) from None
 
 
@@ -115,9 +106,7 @@ def _read_parquet(path: Path, wanted: dict[str, str]) -> tuple[list[str], dict[s
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ConfigError(
-            f"reading the Parquet file {path} needs pyarrow; install it with: {PARQUET_HINT}"
-        ) from None
+        raise ConfigError(f"reading the Parquet file {path} needs pyarrow; install it with: {PARQUET_HINT}") from None
     header = list(pq.read_schema(path).names)
     _check_columns(path, header, wanted)
     table = pq.read_table(path, columns=list(wanted))
@@ -151,20 +140,14 @@ class FileSource(ArraySource):
         task_types: list[str] | None = None,
     ):
         if cfg.path is None:
-            raise ConfigError(
-                "the file source needs file.path: set it in the [file] section "
-                "to a CSV or Parquet file"
-            )
+            raise ConfigError("the file source needs file.path: set it in the [file] section to a CSV or Parquet file")
         path = Path(cfg.path)
         if not path.is_file():
             raise ConfigError(
-                f"file {path} (file.path) does not exist; "
-                "set file.path to an existing CSV or Parquet file"
+                f"file {path} (file.path) does not exist; set file.path to an existing CSV or Parquet file"
             )
         if not cfg.labels:
-            raise ConfigError(
-                'file.labels is empty: map each task to a column, e.g. labels = {click = "clicked"}'
-            )
+            raise ConfigError('file.labels is empty: map each task to a column, e.g. labels = {click = "clicked"}')
         fmt = cfg.format
         if fmt == "auto":
             fmt = "parquet" if path.suffix.lower() in (".parquet", ".pq") else "csv"
@@ -186,10 +169,7 @@ class FileSource(ArraySource):
         self.task_types = (
             list(task_types)
             if task_types
-            else [
-                "binary" if np.isin(self.labels[:, j], (0.0, 1.0)).all() else "regression"
-                for j in range(len(names))
-            ]
+            else ["binary" if np.isin(self.labels[:, j], (0.0, 1.0)).all() else "regression" for j in range(len(names))]
         )
 
     def _load(self) -> None:
@@ -241,17 +221,11 @@ class FileSource(ArraySource):
             else np.zeros((n, 0), dtype=np.int64)
         )
         dense = (
-            np.stack([_as_float(cols[c], c, path) for c in self.dense_names], axis=1).astype(
-                np.float32
-            )
+            np.stack([_as_float(cols[c], c, path) for c in self.dense_names], axis=1).astype(np.float32)
             if self.dense_names
             else np.zeros((n, 0), dtype=np.float32)
         )
-        labels = (
-            np.stack([_as_float(cols[c], c, path) for c in label_cols], axis=1)
-            if label_cols
-            else np.zeros((n, 0))
-        )
+        labels = np.stack([_as_float(cols[c], c, path) for c in label_cols], axis=1) if label_cols else np.zeros((n, 0))
         bad = ~np.isfinite(labels)
         if bad.any():
             j = int(np.flatnonzero(bad.any(axis=0))[0])

@@ -123,20 +123,14 @@ def find_data_dir() -> Path:
         candidate = Path(location) / "dataset_example" / DATASET
         if (candidate / f"{DATASET}.inter").is_file():
             return candidate
-    where = (
-        "recbole is not installed"
-        if spec is None
-        else "the installed recbole has no dataset_example/ml-100k"
-    )
+    where = "recbole is not installed" if spec is None else "the installed recbole has no dataset_example/ml-100k"
     raise ConfigError(f"MovieLens-100k data not found ({where}); install it with: {INSTALL_HINT}")
 
 
 def read_table(path: Path) -> dict[str, list[str]]:
     """A recbole atomic file as columns of strings, keyed by the name before the ``:type``."""
     if not path.is_file():
-        raise ConfigError(
-            f"MovieLens-100k file {path} is missing; reinstall the data with: {INSTALL_HINT}"
-        )
+        raise ConfigError(f"MovieLens-100k file {path} is missing; reinstall the data with: {INSTALL_HINT}")
     with open(path, encoding="utf-8", errors="replace") as f:
         header = f.readline().rstrip("\n").split("\t")
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
@@ -173,16 +167,13 @@ class MovieLensSource(ArraySource):
         self.data_dir = Path(data_dir) if data_dir is not None else find_data_dir()
         if not self.data_dir.is_dir():
             raise ConfigError(
-                f"MovieLens-100k folder {self.data_dir} does not exist; "
-                f"install the data with: {INSTALL_HINT}"
+                f"MovieLens-100k folder {self.data_dir} does not exist; install the data with: {INSTALL_HINT}"
             )
         self._load()
 
     def _load(self) -> None:
         d = self.data_dir
-        inter_path, user_path, item_path = (
-            d / f"{DATASET}.{ext}" for ext in ("inter", "user", "item")
-        )
+        inter_path, user_path, item_path = (d / f"{DATASET}.{ext}" for ext in ("inter", "user", "item"))
         inter = read_table(inter_path)
         users = read_table(user_path)
         items = read_table(item_path)
@@ -201,9 +192,7 @@ class MovieLensSource(ArraySource):
         age_bucket = np.zeros(max_user, dtype=np.int64)
         gender = np.zeros(max_user, dtype=np.int64)
         occupation = np.zeros(max_user, dtype=np.int64)
-        age_bucket[uid] = (
-            np.searchsorted(AGE_EDGES, age, side="right") + 1
-        )  # 0 stays "unknown user"
+        age_bucket[uid] = np.searchsorted(AGE_EDGES, age, side="right") + 1  # 0 stays "unknown user"
         gender[uid] = [gender_code.get(g, 0) for g in _require(users, "gender", user_path)]
         occupation[uid] = [occ_code.get(o, 0) for o in _require(users, "occupation", user_path)]
 

@@ -114,9 +114,7 @@ class Position:
     def from_json(cls, data: dict[str, Any], where: Path) -> Position:
         try:
             if data.get("version") != FORMAT_VERSION:
-                raise ValueError(
-                    f"format version {data.get('version')!r}, expected {FORMAT_VERSION}"
-                )
+                raise ValueError(f"format version {data.get('version')!r}, expected {FORMAT_VERSION}")
             n = int(data["above_len"])
             packed = np.frombuffer(zlib.decompress(base64.b64decode(data["above"])), dtype=np.uint8)
             above = np.unpackbits(packed, count=n).astype(bool) if n else np.zeros(0, dtype=bool)
@@ -142,9 +140,7 @@ def load(path: Path, source: str, producer_id: str) -> Position:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(
-            f"position file {path} is not valid JSON ({exc}); delete it to start over"
-        ) from None
+        raise ConfigError(f"position file {path} is not valid JSON ({exc}); delete it to start over") from None
     pos = Position.from_json(data, path)
     if pos.source != source:
         raise ConfigError(

@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import uuid
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -280,9 +280,7 @@ class ProducerService:
         which = user_partition(part.users, self.partitions)
         # A stable sort keeps stream (event-time) order inside each partition.
         # (int16 keys: numpy's stable sort is then a radix sort.)
-        order = np.argsort(
-            which.astype(np.int16 if self.partitions < 2**15 else np.int64), kind="stable"
-        )
+        order = np.argsort(which.astype(np.int16 if self.partitions < 2**15 else np.int64), kind="stable")
         bounds = np.cumsum(np.bincount(which, minlength=self.partitions))
         lo = 0
         for p, hi in enumerate(bounds):
@@ -363,13 +361,10 @@ class ProducerService:
                 self._stalled = True
                 self.service.set_ready(
                     False,
-                    f"{self.in_flight} batches unacknowledged for "
-                    f"{NOT_READY_AFTER_S:.0f}s; is the broker reachable?",
+                    f"{self.in_flight} batches unacknowledged for {NOT_READY_AFTER_S:.0f}s; is the broker reachable?",
                 )
 
-    def _on_delivery(
-        self, positions_: np.ndarray, n: int, nbytes: int, newest_ms: int, err: Any, _msg: Any
-    ) -> None:
+    def _on_delivery(self, positions_: np.ndarray, n: int, nbytes: int, newest_ms: int, err: Any, _msg: Any) -> None:
         # Called from poll()/flush() on this thread: no lock needed.
         self.in_flight -= 1
         m.PRODUCER_QUEUE.labels(self.pcfg.producer_id).set(self.in_flight)
@@ -401,8 +396,7 @@ class ProducerService:
         if self._failures:
             failures, self._failures = self._failures, []
             raise DeliveryError(
-                f"{len(failures)} example batches were not delivered to "
-                f"{self.topic}; first: {failures[0]}"
+                f"{len(failures)} example batches were not delivered to {self.topic}; first: {failures[0]}"
             )
 
     def _maybe_save(self, now: float, force: bool = False) -> None:
@@ -479,15 +473,11 @@ def producer_settings(config: Config, **overrides: Any) -> ProducerConfig:
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - set(ProducerConfig.model_fields))
     if unknown:
-        raise ConfigError(
-            f"unknown producer options {unknown}; allowed: {sorted(ProducerConfig.model_fields)}"
-        )
+        raise ConfigError(f"unknown producer options {unknown}; allowed: {sorted(ProducerConfig.model_fields)}")
     try:
         return ProducerConfig.model_validate(config.producer.model_dump() | given)
     except ValidationError as exc:
-        where = "; ".join(
-            f"producer.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-        )
+        where = "; ".join(f"producer.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid producer option: {where}") from None
 
 
@@ -518,11 +508,7 @@ def run_producer(
     is delivered), ``next_seq``, ``seconds`` and ``examples_per_s``.
     """
     pcfg = producer_settings(config, **producer_overrides)
-    src = (
-        source
-        if isinstance(source, Source)
-        else make_source(config, source, **(source_options or {}))
-    )
+    src = source if isinstance(source, Source) else make_source(config, source, **(source_options or {}))
     service = Service("producer", pcfg.producer_id, port=pcfg.metrics_port)
     if stop is not None:
         service.stopping = stop

@@ -56,11 +56,7 @@ class Chunk:
     def concat(parts: list[Chunk]) -> Chunk:
         if len(parts) == 1:
             return parts[0]
-        truth = (
-            None
-            if any(p.truth is None for p in parts)
-            else np.concatenate([p.truth for p in parts])
-        )
+        truth = None if any(p.truth is None for p in parts) else np.concatenate([p.truth for p in parts])
         return Chunk(
             positions=np.concatenate([p.positions for p in parts]),
             event_time_ms=np.concatenate([p.event_time_ms for p in parts]),
@@ -101,10 +97,7 @@ class Source:
                 "categorical": [{"name": n} for n in self.categorical_names],
                 "dense": list(self.dense_names),
             },
-            "tasks": [
-                {"name": n, "type": t}
-                for n, t in zip(self.task_names, self.task_types, strict=True)
-            ],
+            "tasks": [{"name": n, "type": t} for n, t in zip(self.task_names, self.task_types, strict=True)],
         }
 
 
@@ -165,29 +158,21 @@ def check_columns(config: Config, source: Source) -> None:
     problems = []
     if config.features.categorical_names != source.categorical_names:
         problems.append(
-            f"features.categorical is {config.features.categorical_names}, "
-            f"the source has {source.categorical_names}"
+            f"features.categorical is {config.features.categorical_names}, the source has {source.categorical_names}"
         )
     if list(config.features.dense) != list(source.dense_names):
-        problems.append(
-            f"features.dense is {list(config.features.dense)}, the source has {source.dense_names}"
-        )
+        problems.append(f"features.dense is {list(config.features.dense)}, the source has {source.dense_names}")
     cfg_tasks = [(t.name, t.type) for t in config.tasks]
     src_tasks = list(zip(source.task_names, source.task_types, strict=True))
     if cfg_tasks != src_tasks:
         problems.append(f"tasks are {cfg_tasks}, the source has {src_tasks}")
     if problems:
         hint = (
-            f"load the preset (distill/presets/{source.name}.toml, or "
-            f"producers.preset_overrides({source.name!r}))"
+            f"load the preset (distill/presets/{source.name}.toml, or producers.preset_overrides({source.name!r}))"
             if source.name in PRESETS
             else "make the [features] and [tasks] sections match the [file] mapping"
         )
-        raise ConfigError(
-            f"the config does not match the {source.name} source: "
-            + "; ".join(problems)
-            + f"; {hint}"
-        )
+        raise ConfigError(f"the config does not match the {source.name} source: " + "; ".join(problems) + f"; {hint}")
 
 
 # -- presets --------------------------------------------------------------------------------
@@ -215,12 +200,6 @@ def load_config_for(source: str, path: str | Path | None = None, **overrides: An
     if path is None and os.environ.get("DISTILL_CONFIG"):
         path = os.environ["DISTILL_CONFIG"]
     from_file = read_file(Path(path)) if path else {}
-    env_keys = {
-        k[len("DISTILL_") :].lower().split("__")[0] for k in os.environ if k.startswith("DISTILL_")
-    }
-    base = {
-        k: v
-        for k, v in preset.items()
-        if k not in from_file and k not in env_keys and k not in overrides
-    }
+    env_keys = {k[len("DISTILL_") :].lower().split("__")[0] for k in os.environ if k.startswith("DISTILL_")}
+    base = {k: v for k, v in preset.items() if k not in from_file and k not in env_keys and k not in overrides}
     return load_config(path, **base, **overrides)

@@ -116,9 +116,7 @@ class SyntheticSource(Source):
         e, rot = cached
         while e < epoch:
             e += 1
-            q, upper = np.linalg.qr(
-                np.random.default_rng([self.cfg.seed, _ROT, e]).standard_normal((r, r))
-            )
+            q, upper = np.linalg.qr(np.random.default_rng([self.cfg.seed, _ROT, e]).standard_normal((r, r)))
             rot = rot @ (q * np.sign(np.diag(upper)))  # sign fix: a uniformly random rotation
         self._rot_cache = (e, rot)
         return rot
@@ -155,9 +153,7 @@ class SyntheticSource(Source):
         rng = np.random.default_rng([cfg.seed, _BLOCK, index])
         # Every draw is made for the whole block in a fixed order: determinism does not
         # depend on where the drift epochs cut the block.
-        users = np.searchsorted(self.user_cdf, rng.random(n), side="right").clip(
-            0, cfg.num_users - 1
-        )
+        users = np.searchsorted(self.user_cdf, rng.random(n), side="right").clip(0, cfg.num_users - 1)
         u_item = rng.random(n)
         x = rng.standard_normal((n, self.d))
         u_click = rng.random(n)
@@ -195,11 +191,7 @@ class SyntheticSource(Source):
 
         watch_ctx = ((x @ self.ctx_watch) * v).sum(axis=1) / sk if self.d else np.zeros(n)
         watch_mean = _sigmoid(
-            0.8 * affinity
-            + 0.7 * watch_ctx
-            + self.user_patience[users]
-            - self.item_length[items]
-            + 0.3
+            0.8 * affinity + 0.7 * watch_ctx + self.user_patience[users] - self.item_length[items] + 0.3
         )
         watched = rng.beta(watch_mean * WATCH_CONCENTRATION, (1 - watch_mean) * WATCH_CONCENTRATION)
         watch = np.where(click > 0, watched, 0.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 import fastavro
@@ -51,6 +51,6 @@ def latest(kind: str) -> Schema:
     return versions[-1]
 
 
-@lru_cache(maxsize=None)
+@cache
 def by_fingerprint() -> dict[bytes, Schema]:
     return {s.fingerprint: s for s in all_schemas()}

@@ -86,7 +86,14 @@ class StudentWorker:
         # Where the in-memory model stands on partitions handed back without a checkpoint
         # (a failed write, a lost assignment): used if they come back to this process.
         self.live_offsets: dict[int, dict[str, int]] = {}
-        self.counts = {"examples_trained": 0, "batches_trained": 0, "joined": 0, "missing": 0, "late": 0, "duplicate": 0}
+        self.counts = {
+            "examples_trained": 0,
+            "batches_trained": 0,
+            "joined": 0,
+            "missing": 0,
+            "late": 0,
+            "duplicate": 0,
+        }
         self.trained_batch_ids: deque[str] = deque(maxlen=100_000)  # for tests and audits (checkpointed)
         self.batches_since_ckpt = 0
         self.last_ckpt = time.monotonic()
@@ -96,7 +103,8 @@ class StudentWorker:
         self.busy_s = 0.0
         self._throughput = m.Throughput()
         for counter in [m.STUDENT_NAN.labels(name), m.STUDENT_CKPT_FAILURES.labels(name)] + [
-                m.STUDENT_JOIN.labels(name, o) for o in ("joined", "missing", "late", "duplicate")]:
+            m.STUDENT_JOIN.labels(name, o) for o in ("joined", "missing", "late", "duplicate")
+        ]:
             counter.inc(0)  # exported at 0 from the start, so increase() alerts see the first one
         self._restore()
 
@@ -139,17 +147,26 @@ class StudentWorker:
         offsets = self._current_offsets()
         version = self.version + 1
         try:
-            self.checkpointer.save(version, {
-                "version": version,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "offsets": offsets,
-                "counts": dict(self.counts),
-                "trained_batch_ids": list(self.trained_batch_ids),
-                "evaluator": self.evaluator.state_dict(),
-            })
-            export_serving_model(self.model, self.config.features, self.config.tasks, self.sc.model,
-                                 self.config.model_dir(self.name), version)
+            self.checkpointer.save(
+                version,
+                {
+                    "version": version,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "offsets": offsets,
+                    "counts": dict(self.counts),
+                    "trained_batch_ids": list(self.trained_batch_ids),
+                    "evaluator": self.evaluator.state_dict(),
+                },
+            )
+            export_serving_model(
+                self.model,
+                self.config.features,
+                self.config.tasks,
+                self.sc.model,
+                self.config.model_dir(self.name),
+                version,
+            )
         except OSError as exc:
             # Nothing is committed past the last durable checkpoint; retried at the next one.
             m.STUDENT_CKPT_FAILURES.labels(self.name).inc()
@@ -182,7 +199,8 @@ class StudentWorker:
     def _checkpoint_due(self) -> bool:
         cc = self.sc.checkpoint
         return self.batches_since_ckpt > 0 and (
-            self.batches_since_ckpt >= cc.every_batches or time.monotonic() - self.last_ckpt >= cc.every_seconds)
+            self.batches_since_ckpt >= cc.every_batches or time.monotonic() - self.last_ckpt >= cc.every_seconds
+        )
 
     # -- Kafka ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -196,8 +214,9 @@ class StudentWorker:
         # range assignment: partition p of the examples and of the labels topic go together
         self.consumer = self.clients.consumer(self.sc.group_id, **{"partition.assignment.strategy": "range"})
         t = self.config.topics
-        self.consumer.subscribe([t.examples, t.labels], on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.consumer.subscribe(
+            [t.examples, t.labels], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
 
     def _on_assign(self, consumer, partitions) -> None:
         topics = self.config.topics
@@ -209,7 +228,9 @@ class StudentWorker:
                 tp.offset = saved["examples"] if tp.topic == topics.examples else saved["labels_resume"]
             if tp.topic == topics.examples and tp.partition not in self.joins:
                 start = saved["examples"] if saved else 0
-                self.joins[tp.partition] = PartitionJoin(tp.partition, start, self.sc.label_wait_s, self.sc.max_pending_batches)
+                self.joins[tp.partition] = PartitionJoin(
+                    tp.partition, start, self.sc.label_wait_s, self.sc.max_pending_batches
+                )
         consumer.assign(partitions)
         log.info("partitions assigned", extra={"partitions": sorted(self.joins)})
         self.service.set_ready(bool(self.joins), "assigned")
@@ -298,9 +319,13 @@ class StudentWorker:
         outcome = join.add_label(label, msg.offset(), now, message=msg)
         if outcome == "mismatch":
             if not replay:  # dead-lettered before the restart
-                self.dead_letters.send(msg, DecodeError(
-                    "id_mismatch", f"label batch {label.batch_id} does not match its example batch "
-                    "(another size or id checksum)"))
+                self.dead_letters.send(
+                    msg,
+                    DecodeError(
+                        "id_mismatch",
+                        f"label batch {label.batch_id} does not match its example batch (another size or id checksum)",
+                    ),
+                )
             return
         if outcome is not None and not replay:  # a replay after restart was counted before
             self.counts[outcome] += 1
@@ -325,9 +350,14 @@ class StudentWorker:
         if label.size == batch.size and label.example_ids_checksum == ids_checksum(batch.example_ids):
             return True
         if r.label.message is not None:
-            self.dead_letters.send(r.label.message, DecodeError(
-                "id_mismatch", f"label batch {label.batch_id} does not match its example batch "
-                f"({label.size} vs {batch.size} examples or another id checksum)"))
+            self.dead_letters.send(
+                r.label.message,
+                DecodeError(
+                    "id_mismatch",
+                    f"label batch {label.batch_id} does not match its example batch "
+                    f"({label.size} vs {batch.size} examples or another id checksum)",
+                ),
+            )
         return False
 
     def _train_one(self, r: Ready, losses: dict[str, torch.Tensor]):
@@ -342,11 +372,23 @@ class StudentWorker:
         with autocast(self.device):
             main, aux = self.model(cat, dense)
         # These outputs come from the weights before this step: predict-before-train.
-        out = (main.detach().float().cpu().numpy(),
-               None if aux is None else aux.detach().float().cpu().numpy(),
-               batch.labels, teacher_np)
-        loss, parts = student_loss(self.sc.mode, main, aux, labels, teacher, self.kinds, self.distilled,
-                                   self.sc.soft_weight, self.sc.temperature)
+        out = (
+            main.detach().float().cpu().numpy(),
+            None if aux is None else aux.detach().float().cpu().numpy(),
+            batch.labels,
+            teacher_np,
+        )
+        loss, parts = student_loss(
+            self.sc.mode,
+            main,
+            aux,
+            labels,
+            teacher,
+            self.kinds,
+            self.distilled,
+            self.sc.soft_weight,
+            self.sc.temperature,
+        )
         if torch.isfinite(loss):
             loss.backward()
             self.optimizer.step()
@@ -364,8 +406,9 @@ class StudentWorker:
             if scored[0][1] is not None:
                 self.evaluator.update("aux", np.concatenate([s[1] for s in scored]), labels, self.distilled)
             if joined:
-                self.evaluator.update("teacher", np.concatenate([s[3] for s in joined]),
-                                      np.concatenate([s[2] for s in joined]))
+                self.evaluator.update(
+                    "teacher", np.concatenate([s[3] for s in joined]), np.concatenate([s[2] for s in joined])
+                )
         for key, value in losses.items():
             i, head = key.split(".")
             m.STUDENT_LOSS.labels(self.name, self.task_names[int(i)], head).set(value.item())
@@ -423,7 +466,10 @@ class StudentWorker:
                     for metric, value in values.items():
                         m.STUDENT_METRIC.labels(self.name, task, head, metric, window).set(value)
         return {
-            "role": self.role, "name": self.name, "mode": self.sc.mode, "version": self.version,
+            "role": self.role,
+            "name": self.name,
+            "mode": self.sc.mode,
+            "version": self.version,
             "params": self.model.param_count(serving_only=True),
             "flops_per_example": self.model.flops_per_example,
             **self.counts,

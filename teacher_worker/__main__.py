@@ -1,5 +1,5 @@
-from distill.cli import app
-
 import sys
+
+from distill.cli import app
 
 app(["teacher", *sys.argv[1:]])

@@ -27,10 +27,19 @@ from distill import metrics as m
 from distill.checkpoint import Checkpointer
 from distill.config import Config
 from distill.dead_letters import DeadLetters
-from distill.exceptions import DecodeError
-from distill.kafka import Clients, broker_down, consume_available, ensure_topics, is_retriable, lag, needs_abort, partitions_at
-from distill.losses import hard_losses
 from distill.evaluation import ProgressiveEvaluator
+from distill.exceptions import DecodeError
+from distill.kafka import (
+    Clients,
+    broker_down,
+    consume_available,
+    ensure_topics,
+    is_retriable,
+    lag,
+    needs_abort,
+    partitions_at,
+)
+from distill.losses import hard_losses
 from distill.models import RankingModel, autocast, batch_tensors, make_optimizer, resolve_device, weights_finite
 from distill.progress import ProgressLog
 from distill.service import Service
@@ -43,7 +52,7 @@ def check_layout(batch: ExampleBatch, config: Config) -> None:
     """The batch must carry the configured columns, in order; else it is a dead letter."""
     want = (config.features.categorical_names, config.features.dense, [t.name for t in config.tasks])
     got = (batch.categorical_names, batch.dense_names, batch.task_names)
-    for what, w, g in zip(("categorical", "dense", "task"), want, got):
+    for what, w, g in zip(("categorical", "dense", "task"), want, got, strict=False):
         if list(g) != list(w):
             raise DecodeError("layout_mismatch", f"{what} columns {list(g)} differ from the configured {list(w)}")
 
@@ -78,8 +87,11 @@ class TeacherWorker:
         self.assigned: set[int] = set()
         self.busy_s = 0.0
         self._throughput = m.Throughput()
-        for counter in (m.TEACHER_NAN.labels(self.name), m.TEACHER_TRANSACTIONS.labels(self.name, "commit"),
-                        m.TEACHER_TRANSACTIONS.labels(self.name, "abort")):
+        for counter in (
+            m.TEACHER_NAN.labels(self.name),
+            m.TEACHER_TRANSACTIONS.labels(self.name, "commit"),
+            m.TEACHER_TRANSACTIONS.labels(self.name, "abort"),
+        ):
             counter.inc(0)  # exported at 0 from the start, so increase() alerts see the first one
         self._restore()
 
@@ -107,15 +119,18 @@ class TeacherWorker:
             return
         started = time.perf_counter()
         self.version += 1
-        self.checkpointer.save(self.version, {
-            "version": self.version,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "trained_through": dict(self.trained_through),
-            "examples_labeled": self.examples_labeled,
-            "examples_trained": self.examples_trained,
-            "evaluator": self.evaluator.state_dict(),
-        })
+        self.checkpointer.save(
+            self.version,
+            {
+                "version": self.version,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "trained_through": dict(self.trained_through),
+                "examples_labeled": self.examples_labeled,
+                "examples_trained": self.examples_trained,
+                "evaluator": self.evaluator.state_dict(),
+            },
+        )
         self.batches_since_ckpt = 0
         self.last_ckpt = time.monotonic()
         m.TEACHER_VERSION.labels(self.name).set(self.version)
@@ -125,7 +140,8 @@ class TeacherWorker:
     def _checkpoint_due(self) -> bool:
         cc = self.config.teacher.checkpoint
         return self.batches_since_ckpt > 0 and (
-            self.batches_since_ckpt >= cc.every_batches or time.monotonic() - self.last_ckpt >= cc.every_seconds)
+            self.batches_since_ckpt >= cc.every_batches or time.monotonic() - self.last_ckpt >= cc.every_seconds
+        )
 
     # -- Kafka -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -136,7 +152,9 @@ class TeacherWorker:
         self.producer.init_transactions(60)
         self.dead_letters = DeadLetters(self.producer, self.codec, self.role, self.name)
         self.consumer = self.clients.consumer(self.config.teacher.group_id)
-        self.consumer.subscribe([topics.examples], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self.consumer.subscribe(
+            [topics.examples], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
 
     def _on_assign(self, consumer, partitions) -> None:
         # The checkpoint's offsets win over the group's committed ones.
@@ -157,8 +175,9 @@ class TeacherWorker:
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
-        msgs = consume_available(self.consumer, self.config.teacher.max_batches_per_step,
-                                 self.config.teacher.poll_timeout_s)
+        msgs = consume_available(
+            self.consumer, self.config.teacher.max_batches_per_step, self.config.teacher.poll_timeout_s
+        )
         good: list[tuple[object, ExampleBatch]] = []
         records = []
         for msg in msgs:
@@ -218,7 +237,8 @@ class TeacherWorker:
         for msg in records:
             offsets[msg.partition()] = msg.offset() + 1
         self.producer.send_offsets_to_transaction(
-            partitions_at(self.config.topics.examples, offsets), self.consumer.consumer_group_metadata(), 30)
+            partitions_at(self.config.topics.examples, offsets), self.consumer.consumer_group_metadata(), 30
+        )
         self.producer.commit_transaction(60)
         m.TEACHER_TRANSACTIONS.labels(self.name, "commit").inc()
 
@@ -237,7 +257,7 @@ class TeacherWorker:
         start = 0
         now_ms = int(time.time() * 1000)
         for msg, batch in good:
-            chunk = logits[start:start + batch.size]
+            chunk = logits[start : start + batch.size]
             start += batch.size
             p = msg.partition()
             label = LabelBatch(
@@ -252,8 +272,9 @@ class TeacherWorker:
                 produced_at_ms=now_ms,
             )
             value, headers = self.codec.encode_labels(label)
-            self.producer.produce(self.config.topics.labels, value=value, key=batch.batch_id.encode(),
-                                  partition=p, headers=headers)
+            self.producer.produce(
+                self.config.topics.labels, value=value, key=batch.batch_id.encode(), partition=p, headers=headers
+            )
 
     def _train(self, batches: list[ExampleBatch]) -> None:
         # One optimizer step per example batch: grouping speeds up labelling, not learning, so
@@ -277,7 +298,7 @@ class TeacherWorker:
         self.optimizer.step()
         self.examples_trained += batch.size
         m.TEACHER_TRAINED.labels(self.name).inc(batch.size)
-        for name, value in zip(self.task_names, losses):
+        for name, value in zip(self.task_names, losses, strict=False):
             m.TEACHER_LOSS.labels(self.name, name).set(value.item())
 
     def _abort_and_rewind(self, records: list) -> None:
@@ -318,9 +339,13 @@ class TeacherWorker:
                 for metric, value in values.items():
                     m.TEACHER_METRIC.labels(self.name, task, metric, window).set(value)
         return {
-            "role": self.role, "name": self.name, "version": self.version,
-            "params": self.model.param_count(), "flops_per_example": self.model.flops_per_example,
-            "examples_labeled": self.examples_labeled, "examples_trained": self.examples_trained,
+            "role": self.role,
+            "name": self.name,
+            "version": self.version,
+            "params": self.model.param_count(),
+            "flops_per_example": self.model.flops_per_example,
+            "examples_labeled": self.examples_labeled,
+            "examples_trained": self.examples_trained,
             "busy_s": self.busy_s,
             "examples_per_s": self.examples_labeled / self.busy_s if self.busy_s else 0.0,
             "metrics": snap,

@@ -120,8 +120,9 @@ def make_batch() -> Callable[..., ExampleBatch]:
     dense = list(defaults.features.dense)
     tasks = [t.name for t in defaults.tasks]
 
-    def make(n: int = 16, seq: int = 0, producer_id: str = "test-producer", truth: bool = True,
-             seed: int | None = None) -> ExampleBatch:
+    def make(
+        n: int = 16, seq: int = 0, producer_id: str = "test-producer", truth: bool = True, seed: int | None = None
+    ) -> ExampleBatch:
         rng = np.random.default_rng(seq if seed is None else seed)
         now_ms = 1_700_000_000_000 + seq * 1000
         probs = rng.random((n, len(tasks)), dtype=np.float32)

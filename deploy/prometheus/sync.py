@@ -50,9 +50,7 @@ def prometheus_rule(rules: dict[str, Any]) -> dict[str, Any]:
 
 def render() -> str:
     rules = yaml.safe_load(RULES.read_text())
-    body = yaml.dump(
-        prometheus_rule(rules), Dumper=_Dumper, sort_keys=False, width=100000, allow_unicode=True
-    )
+    body = yaml.dump(prometheus_rule(rules), Dumper=_Dumper, sort_keys=False, width=100000, allow_unicode=True)
     return HEADER + body
 
 

@@ -41,12 +41,8 @@ def kustomize_build(kubectl: str) -> Callable[[Path], list[dict[str, Any]]]:
 
     def build(path: Path) -> list[dict[str, Any]]:
         if path not in cache:
-            proc = subprocess.run(
-                [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
-            )
-            assert proc.returncode == 0, (
-                f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{proc.stderr}"
-            )
+            proc = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{proc.stderr}"
             cache[path] = [d for d in yaml.safe_load_all(proc.stdout) if d]
         return cache[path]
 
@@ -60,6 +56,4 @@ def app_overlays(kustomize_build) -> dict[str, list[dict[str, Any]]]:
 
 @pytest.fixture(scope="session")
 def kafka_overlays(kustomize_build) -> dict[str, list[dict[str, Any]]]:
-    return {
-        name: kustomize_build(KAFKA / "overlays" / name) for name in sorted(set(KAFKA_FOR.values()))
-    }
+    return {name: kustomize_build(KAFKA / "overlays" / name) for name in sorted(set(KAFKA_FOR.values()))}

@@ -49,9 +49,7 @@ def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     for d in of_kind(docs, kind):
         if d["metadata"]["name"] == name:
             return d
-    raise AssertionError(
-        f"no {kind} named {name!r}; have {[d['metadata']['name'] for d in of_kind(docs, kind)]}"
-    )
+    raise AssertionError(f"no {kind} named {name!r}; have {[d['metadata']['name'] for d in of_kind(docs, kind)]}")
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
@@ -73,9 +71,7 @@ def config_toml(docs: list[dict[str, Any]], workload: dict[str, Any]) -> str:
     """The config.toml that the workload mounts at CONFIG_PATH."""
     c = main_container(workload)
     mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
-    assert CONFIG_PATH in mounts, (
-        f"{workload['metadata']['name']}: nothing mounted at {CONFIG_PATH}"
-    )
+    assert CONFIG_PATH in mounts, f"{workload['metadata']['name']}: nothing mounted at {CONFIG_PATH}"
     mount = mounts[CONFIG_PATH]
     volume = {v["name"]: v for v in pod_spec(workload)["volumes"]}[mount["name"]]
     cm = named(docs, "ConfigMap", volume["configMap"]["name"])
@@ -97,9 +93,7 @@ def container_environ(container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def effective_config(
-    docs: list[dict[str, Any]], workload: dict[str, Any], tmp_path: Path
-) -> Config:
+def effective_config(docs: list[dict[str, Any]], workload: dict[str, Any], tmp_path: Path) -> Config:
     text = config_toml(docs, workload)
     path = tmp_path / f"{workload['metadata']['name']}.toml"
     path.write_text(text)

@@ -52,9 +52,7 @@ def test_multi_stage_build_of_the_wheel(name):
     assert "pip wheel" in builder, "the builder builds the project's wheel"
     runtime = all_stages[-1]
     text = " ".join(args for _, args in runtime)
-    assert "from=builder" in text or "--from=builder" in text, (
-        "the runtime takes the wheel from the builder"
-    )
+    assert "from=builder" in text or "--from=builder" in text, "the runtime takes the wheel from the builder"
     assert re.search(r"pip install [^&]*\.whl", text), "the runtime installs the wheel"
 
 
@@ -64,9 +62,7 @@ def test_runtime_runs_as_a_numeric_non_root_user(name):
     users = [args for kind, args in runtime if kind == "USER"]
     assert users, "the runtime stage must set USER"
     user = users[-1].split(":")[0]
-    assert user.isdigit() and int(user) != 0, (
-        f"USER {users[-1]}: numeric, so runAsNonRoot can be verified"
-    )
+    assert user.isdigit() and int(user) != 0, f"USER {users[-1]}: numeric, so runAsNonRoot can be verified"
     entry = [args for kind, args in runtime if kind == "ENTRYPOINT"]
     assert entry and '"distill"' in entry[-1]
 
@@ -75,9 +71,7 @@ def test_cpu_image_uses_the_cpu_build_of_torch_and_cuda_image_a_cuda_base():
     cpu = (DOCKER / "Dockerfile.cpu").read_text()
     assert "download.pytorch.org/whl/cpu" in cpu
     cuda_froms = [args for kind, args in instructions(DOCKER / "Dockerfile.cuda") if kind == "FROM"]
-    cuda_args = dict(
-        re.findall(r"^ARG (\w+)=(\S+)", (DOCKER / "Dockerfile.cuda").read_text(), re.M)
-    )
+    cuda_args = dict(re.findall(r"^ARG (\w+)=(\S+)", (DOCKER / "Dockerfile.cuda").read_text(), re.M))
     runtime_from = cuda_froms[-1].split()[0]
     image = re.sub(r"\$\{(\w+)\}", lambda m: cuda_args[m.group(1)], runtime_from)
     assert image.startswith("nvidia/cuda:"), image
@@ -98,9 +92,7 @@ def test_copied_sources_exist_and_are_not_ignored(name):
     path = DOCKER / name
     ignore = (DOCKER / f"{name}.dockerignore").read_text().splitlines()
     kept = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"
-    ]
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     copied = set()
     for kind, args in instructions(path):
         if kind == "COPY" and "--from" not in args:

@@ -32,9 +32,7 @@ def panels(d: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def queries(d: dict[str, Any]) -> list[tuple[str, str]]:
-    return [
-        (p["title"], t["expr"]) for p in panels(d) for t in p.get("targets", []) if t.get("expr")
-    ]
+    return [(p["title"], t["expr"]) for p in panels(d) for t in p.get("targets", []) if t.get("expr")]
 
 
 def test_dashboard_is_well_formed():
@@ -48,27 +46,20 @@ def test_dashboard_is_well_formed():
         if p["type"] != "row":
             assert p["targets"], p["title"]
             for t in p["targets"]:
-                assert t["datasource"]["uid"] == "${datasource}", (
-                    f"{p['title']}: use the datasource variable"
-                )
+                assert t["datasource"]["uid"] == "${datasource}", f"{p['title']}: use the datasource variable"
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["student"]["type"] == "query" and variables["student"]["multi"]
     # Every $variable the queries use is defined.
     for title, expr in queries(d):
         for name in VARIABLE_RE.findall(expr):
-            assert name.startswith("__") or name in variables, (
-                f"{title}: ${name} is not a dashboard variable"
-            )
+            assert name.startswith("__") or name in variables, f"{title}: ${name} is not a dashboard variable"
 
 
 def test_dashboard_names_only_exported_metrics_and_recorded_series():
     exported = metric_names()
     recorded = {
-        r["record"]
-        for g in load_yaml(PROMETHEUS / "rules.yaml")["groups"]
-        for r in g["rules"]
-        if "record" in r
+        r["record"] for g in load_yaml(PROMETHEUS / "rules.yaml")["groups"] for r in g["rules"] if "record" in r
     }
     for title, expr in queries(dashboard()):
         used = set(METRIC_RE.findall(expr))
@@ -124,8 +115,6 @@ def test_dashboard_queries_are_valid_promql(promtool, tmp_path):
     ]
     path = tmp_path / "dashboard-queries.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    proc = subprocess.run(
-        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         pytest.fail(proc.stdout + proc.stderr)

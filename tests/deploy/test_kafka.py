@@ -25,9 +25,7 @@ def strimzi(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def topics_by_name(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {
-        t["spec"].get("topicName", t["metadata"]["name"]): t for t in of_kind(docs, "KafkaTopic")
-    }
+    return {t["spec"].get("topicName", t["metadata"]["name"]): t for t in of_kind(docs, "KafkaTopic")}
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
@@ -69,10 +67,7 @@ def test_strimzi_resources_are_well_formed(kafka_overlays, overlay):
         "default.replication.factor",
     ):
         assert 1 <= config[key] <= brokers, key
-    assert (
-        config["transaction.state.log.min.isr"]
-        <= config["transaction.state.log.replication.factor"]
-    )
+    assert config["transaction.state.log.min.isr"] <= config["transaction.state.log.replication.factor"]
 
     topics = topics_by_name(docs)
     assert set(TOPICS) <= set(topics), f"missing topics {set(TOPICS) - set(topics)}"
@@ -85,9 +80,7 @@ def test_strimzi_resources_are_well_formed(kafka_overlays, overlay):
         "examples and labels must have the same partition count"
     )
     for name in ("examples", "labels"):
-        assert int(topics[name]["spec"]["config"]["retention.ms"]) >= WEEK_MS, (
-            f"{name}: students backfill a week"
-        )
+        assert int(topics[name]["spec"]["config"]["retention.ms"]) >= WEEK_MS, f"{name}: students backfill a week"
 
     (user,) = of_kind(docs, "KafkaUser")
     assert user["metadata"]["labels"]["strimzi.io/cluster"] == cluster
@@ -109,9 +102,7 @@ def _allows(acls: list[dict[str, Any]], kind: str, name: str, operation: str) ->
 
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
-def test_workers_config_agrees_with_the_kafka_they_are_deployed_with(
-    app_overlays, kafka_overlays, overlay, tmp_path
-):
+def test_workers_config_agrees_with_the_kafka_they_are_deployed_with(app_overlays, kafka_overlays, overlay, tmp_path):
     docs = app_overlays[overlay]
     kdocs = kafka_overlays[KAFKA_FOR[overlay]]
     (kafka,) = of_kind(kdocs, "Kafka")
@@ -144,33 +135,19 @@ def test_workers_config_agrees_with_the_kafka_they_are_deployed_with(
             assert cfg.kafka.sasl_username == user["metadata"]["name"]
             env = {e["name"]: e for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
             ref = env["DISTILL_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
-            assert (ref["name"], ref["key"]) == (user["metadata"]["name"], "password"), (
-                "Strimzi's user Secret"
-            )
+            assert (ref["name"], ref["key"]) == (user["metadata"]["name"], "password"), "Strimzi's user Secret"
         if listener["tls"]:
-            secrets = {
-                v["secret"]["secretName"]
-                for v in d["spec"]["template"]["spec"]["volumes"]
-                if "secret" in v
-            }
+            secrets = {v["secret"]["secretName"] for v in d["spec"]["template"]["spec"]["volumes"] if "secret" in v}
             assert f"{cluster}-cluster-ca-cert" in secrets, f"{where}: mount Strimzi's cluster CA"
 
         # The topics the workers expect are the ones Strimzi creates.
         t = cfg.topics
         for name in (t.examples, t.labels):
             spec = topics[name]["spec"]
-            assert spec["partitions"] == t.partitions, (
-                f"{where}: topics.partitions vs KafkaTopic {name}"
-            )
-            assert spec["replicas"] == t.replication_factor, (
-                f"{where}: topics.replication_factor vs {name}"
-            )
-            assert int(spec["config"]["retention.ms"]) == t.retention_ms, (
-                f"{where}: topics.retention_ms vs {name}"
-            )
-            assert int(spec["config"]["max.message.bytes"]) >= cfg.wire.max_message_bytes + 65536, (
-                name
-            )
+            assert spec["partitions"] == t.partitions, f"{where}: topics.partitions vs KafkaTopic {name}"
+            assert spec["replicas"] == t.replication_factor, f"{where}: topics.replication_factor vs {name}"
+            assert int(spec["config"]["retention.ms"]) == t.retention_ms, f"{where}: topics.retention_ms vs {name}"
+            assert int(spec["config"]["max.message.bytes"]) >= cfg.wire.max_message_bytes + 65536, name
         for name in (t.dlq(t.examples), t.dlq(t.labels)):
             assert name in topics
 
@@ -181,9 +158,7 @@ def test_workers_config_agrees_with_the_kafka_they_are_deployed_with(
         for name in (t.dlq(t.examples), t.dlq(t.labels)):
             assert _allows(acls, "topic", name, "Write"), f"ACL Write on topic {name}"
         assert _allows(acls, "group", cfg.teacher.group_id, "Read")
-        assert _allows(
-            acls, "transactionalId", f"{cfg.teacher.group_id}.{cfg.teacher.name}", "Write"
-        )
+        assert _allows(acls, "transactionalId", f"{cfg.teacher.group_id}.{cfg.teacher.name}", "Write")
         for s in cfg.students:
             assert _allows(acls, "group", s.group_id, "Read"), f"ACL Read on group {s.group_id}"
         assert _allows(acls, "cluster", "", "IdempotentWrite")

@@ -68,9 +68,7 @@ def test_overlay_builds_with_every_resource(app_overlays, overlay):
     (ns,) = of_kind(docs, "Namespace")
     for d in docs:
         if d["kind"] != "Namespace":
-            assert d["metadata"].get("namespace") == ns["metadata"]["name"], (
-                f"{d['kind']} {d['metadata']['name']}"
-            )
+            assert d["metadata"].get("namespace") == ns["metadata"]["name"], f"{d['kind']} {d['metadata']['name']}"
 
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
@@ -86,9 +84,7 @@ def test_core_resources_validate_against_kubernetes_schemas(app_overlays, overla
             except kubernetes_validate.ValidationError as exc:
                 error = f"at /{'/'.join(map(str, exc.path))}: {exc.message}"
             if error:  # outside the except: the exception's repr holds the whole document
-                pytest.fail(
-                    f"{overlay}: {doc['kind']} {doc['metadata']['name']} (k8s {version}) {error}"
-                )
+                pytest.fail(f"{overlay}: {doc['kind']} {doc['metadata']['name']} (k8s {version}) {error}")
         checked += 1
     assert checked >= 15
 
@@ -117,16 +113,12 @@ def test_one_single_replica_recreate_deployment_per_worker(app_overlays, overlay
     docs = app_overlays[overlay]
     roles: dict[str, list[str]] = {}
     for d in workers(docs):
-        assert d["spec"]["replicas"] == 1, (
-            f"{d['metadata']['name']}: one process owns each consumer group"
-        )
+        assert d["spec"]["replicas"] == 1, f"{d['metadata']['name']}: one process owns each consumer group"
         assert d["spec"]["strategy"] == {"type": "Recreate"}, (
             f"{d['metadata']['name']}: a rollout must not run two at once"
         )
         args = main_container(d)["args"]
-        roles.setdefault(args[0], []).append(
-            args[args.index("--name") + 1] if "--name" in args else ""
-        )
+        roles.setdefault(args[0], []).append(args[args.index("--name") + 1] if "--name" in args else "")
         assert args[args.index("--config") + 1] == CONFIG_PATH
     assert sorted(roles) == ["produce", "student", "teacher"]
     assert len(roles["teacher"]) == 1 and len(roles["produce"]) == 1
@@ -156,9 +148,7 @@ def test_container_commands_exist_in_the_cli(app_overlays, overlay):
         options = {o for p in command.params for o in getattr(p, "opts", [])}
         for arg in args[1:]:
             if arg.startswith("--"):
-                assert arg in options, (
-                    f"`distill {args[0]}` has no option {arg}; it has {sorted(options)}"
-                )
+                assert arg in options, f"`distill {args[0]}` has no option {arg}; it has {sorted(options)}"
     if pending:
         pytest.xfail(f"`distill {pending[0]}` is not in the CLI yet")
 
@@ -177,9 +167,7 @@ def test_config_map_is_a_valid_config_for_every_worker(app_overlays, overlay, tm
         assert "persistentVolumeClaim" in volumes[mounts[str(cfg.state_dir)]]
         if cfg.kafka.ssl_ca_location:
             ca_dir = str(Path(cfg.kafka.ssl_ca_location).parent)
-            assert "secret" in volumes[mounts[ca_dir]], (
-                "kafka.ssl_ca_location must be on a mounted Secret"
-            )
+            assert "secret" in volumes[mounts[ca_dir]], "kafka.ssl_ca_location must be on a mounted Secret"
         # The metrics port the process opens is the one the probes and the Service use.
         role = role_of(d)
         if role == "student":
@@ -187,13 +175,9 @@ def test_config_map_is_a_valid_config_for_every_worker(app_overlays, overlay, tm
         else:
             port = {"teacher": cfg.teacher, "producer": cfg.producer}[role].metrics_port
         (metrics,) = [p for p in c["ports"] if p["name"] == "metrics"]
-        assert metrics["containerPort"] == port, (
-            f"{d['metadata']['name']}: {role} metrics_port is {port}"
-        )
+        assert metrics["containerPort"] == port, f"{d['metadata']['name']}: {role} metrics_port is {port}"
         if role == "student":
-            assert str(cfg.state_dir / "models") in mounts, (
-                "exported models go to the shared models volume"
-            )
+            assert str(cfg.state_dir / "models") in mounts, "exported models go to the shared models volume"
 
 
 def test_base_config_file_loads_as_is(tmp_path):
@@ -228,9 +212,7 @@ def test_teacher_device_matches_the_overlay(app_overlays, overlay, tmp_path):
 
 # -- hardening ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
-def test_every_container_has_probes_resources_and_a_restricted_security_context(
-    app_overlays, overlay
-):
+def test_every_container_has_probes_resources_and_a_restricted_security_context(app_overlays, overlay):
     stop_deadline = inspect.signature(Service).parameters["stop_deadline_s"].default
     for d in workers(app_overlays[overlay]):
         name = d["metadata"]["name"]
@@ -258,18 +240,13 @@ def test_every_container_has_probes_resources_and_a_restricted_security_context(
             assert sc["readOnlyRootFilesystem"] is True, where
             assert sc["allowPrivilegeEscalation"] is False, where
             assert sc.get("privileged", False) is False, where
-            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), (
-                where
-            )
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), where
             assert sc["seccompProfile"]["type"] == "RuntimeDefault", where
             mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-            assert "emptyDir" in volumes[mounts["/tmp"]], (
-                f"{where}: a writable /tmp on a read-only root"
-            )
+            assert "emptyDir" in volumes[mounts["/tmp"]], f"{where}: a writable /tmp on a read-only root"
             image = c["image"]
             assert re.fullmatch(r"[a-z0-9.-]+(:\d+)?/[a-z0-9._/-]+:[A-Za-z0-9._-]+", image), (
-                f"{where}: image {image!r} is not a full reference with a tag "
-                "(did an overlay forget `images`?)"
+                f"{where}: image {image!r} is not a full reference with a tag (did an overlay forget `images`?)"
             )
             assert not image.endswith(":latest"), where
 
@@ -278,9 +255,7 @@ def test_every_container_has_probes_resources_and_a_restricted_security_context(
 def test_manifests_hold_no_literal_secrets(app_overlays, overlay):
     docs = app_overlays[overlay]
     for d in docs:
-        assert d["kind"] != "Secret", (
-            "Secrets come from Strimzi or the operator, never from these manifests"
-        )
+        assert d["kind"] != "Secret", "Secrets come from Strimzi or the operator, never from these manifests"
     for d in workers(docs):
         for c in containers(d):
             for e in c.get("env", []):
@@ -292,15 +267,9 @@ def test_manifests_hold_no_literal_secrets(app_overlays, overlay):
             if key.endswith(".toml"):
                 kafka = tomllib.loads(text).get("kafka", {})
                 for field in ("sasl_password", "ssl_key_password"):
-                    assert field not in kafka, (
-                        f"ConfigMap {cm['metadata']['name']}: kafka.{field} is a secret"
-                    )
-                assert not any(SECRET_WORDS.search(k) for k in kafka.get("extra", {})), (
-                    "secrets in kafka.extra"
-                )
-            assert not re.search(r"(password|secret)\s*[=:]\s*\S", text, re.I), (
-                f"{cm['metadata']['name']}/{key}"
-            )
+                    assert field not in kafka, f"ConfigMap {cm['metadata']['name']}: kafka.{field} is a secret"
+                assert not any(SECRET_WORDS.search(k) for k in kafka.get("extra", {})), "secrets in kafka.extra"
+            assert not re.search(r"(password|secret)\s*[=:]\s*\S", text, re.I), f"{cm['metadata']['name']}/{key}"
     assert "sasl_password" not in base_config_toml().get("kafka", {})
 
 
@@ -317,9 +286,7 @@ def test_every_referenced_volume_claim_and_config_map_exists(app_overlays, overl
                 used_claims.add(v["persistentVolumeClaim"]["claimName"])
             if "configMap" in v:
                 assert v["configMap"]["name"] in maps
-        assert pod_spec(d)["serviceAccountName"] in {
-            s["metadata"]["name"] for s in of_kind(docs, "ServiceAccount")
-        }
+        assert pod_spec(d)["serviceAccountName"] in {s["metadata"]["name"] for s in of_kind(docs, "ServiceAccount")}
     assert used_claims == claims, f"unused claims: {claims - used_claims}"
     # Each worker's own state volume is used by that worker alone.
     state = [
@@ -346,9 +313,7 @@ def test_services_and_service_monitor_reach_every_worker(app_overlays, overlay):
         assert labels_match(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
         ports = {p["name"]: p for p in svc["spec"]["ports"]}
         assert "metrics" in ports and "metrics" in endpoint_ports
-        assert svc["spec"].get("publishNotReadyAddresses") is True, (
-            "scrape workers that are not ready too"
-        )
+        assert svc["spec"].get("publishNotReadyAddresses") is True, "scrape workers that are not ready too"
 
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
@@ -365,9 +330,7 @@ def test_disruption_budgets_cover_workers_without_blocking_drains(app_overlays, 
 
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
-def test_network_policy_selects_every_worker_and_allows_kafka_dns_and_scrapes(
-    app_overlays, kafka_overlays, overlay
-):
+def test_network_policy_selects_every_worker_and_allows_kafka_dns_and_scrapes(app_overlays, kafka_overlays, overlay):
     from tests.deploy.support import KAFKA_FOR
 
     docs = app_overlays[overlay]
@@ -375,9 +338,7 @@ def test_network_policy_selects_every_worker_and_allows_kafka_dns_and_scrapes(
     spec = policy["spec"]
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
     for d in workers(docs):
-        assert labels_match(
-            spec["podSelector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"]
-        )
+        assert labels_match(spec["podSelector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"])
     assert any(p["port"] in ("metrics", 9100) for rule in spec["ingress"] for p in rule["ports"])
     egress_ports = {p["port"] for rule in spec["egress"] for p in rule.get("ports", [])}
     assert 53 in egress_ports

@@ -48,9 +48,7 @@ def alerts() -> dict[str, dict]:
 
 
 def test_promtool_checks_the_rules(promtool):
-    proc = subprocess.run(
-        [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -92,27 +90,17 @@ def test_rules_name_only_exported_metrics():
     for rule in rules():
         text = rule["expr"] + " " + " ".join(rule.get("annotations", {}).values())
         used = set(METRIC_RE.findall(text))
-        assert used <= exported, (
-            f"{rule.get('alert') or rule.get('record')}: not exported: {used - exported}"
-        )
-        assert set(RECORDED_RE.findall(rule["expr"])) <= recorded, rule.get("alert") or rule.get(
-            "record"
-        )
+        assert used <= exported, f"{rule.get('alert') or rule.get('record')}: not exported: {used - exported}"
+        assert set(RECORDED_RE.findall(rule["expr"])) <= recorded, rule.get("alert") or rule.get("record")
     for name in recorded:
-        assert name.startswith("distill:") and name.count(":") == 2, (
-            f"{name}: level:metric:operations"
-        )
+        assert name.startswith("distill:") and name.count(":") == 2, f"{name}: level:metric:operations"
 
 
 def test_prometheus_rule_embeds_the_same_groups():
     rule = load_yaml(K8S / "base" / "prometheusrule.yaml")
     assert rule["kind"] == "PrometheusRule"
-    assert rule["spec"]["groups"] == load_yaml(RULES)["groups"], (
-        "run python deploy/prometheus/sync.py"
-    )
-    proc = subprocess.run(
-        [sys.executable, str(PROMETHEUS / "sync.py"), "--check"], capture_output=True, text=True
-    )
+    assert rule["spec"]["groups"] == load_yaml(RULES)["groups"], "run python deploy/prometheus/sync.py"
+    proc = subprocess.run([sys.executable, str(PROMETHEUS / "sync.py"), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -133,17 +121,11 @@ def test_example_prometheus_config_is_valid(promtool, tmp_path):
     path = tmp_path / "prometheus.yml"
     (tmp_path / "rules.yaml").write_text(RULES.read_text())
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.run(
-        [promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0 and "kubernetes_sd_configs not found" in proc.stdout + proc.stderr:
-        config["scrape_configs"] = [
-            j for j in config["scrape_configs"] if "kubernetes_sd_configs" not in j
-        ]
+        config["scrape_configs"] = [j for j in config["scrape_configs"] if "kubernetes_sd_configs" not in j]
         path.write_text(yaml.safe_dump(config))
-        proc = subprocess.run(
-            [promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60
-        )
+        proc = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -151,8 +133,6 @@ def test_label_delay_alert_fires_before_labels_miss_their_batch():
     """DistillLabelDelayHigh must warn before the delay reaches a student's label_wait_s."""
     from distill.config import load_config
 
-    (threshold,) = re.findall(
-        r">\s*([0-9.]+)\s*$", alerts()["DistillLabelDelayHigh"]["expr"].strip()
-    )
+    (threshold,) = re.findall(r">\s*([0-9.]+)\s*$", alerts()["DistillLabelDelayHigh"]["expr"].strip())
     cfg = load_config(K8S / "base" / "config.toml", environ={})
     assert float(threshold) < min(s.label_wait_s for s in cfg.students)

@@ -16,8 +16,17 @@ EXAMPLES = 200_000
 
 def _up(tmp_path: Path, *args: str, timeout: float = 420) -> tuple[subprocess.CompletedProcess, dict]:
     report = tmp_path / "report"
-    cmd = [sys.executable, "-m", "distill", "up", "--report", str(report),
-           "--state-dir", str(tmp_path / "state"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill",
+        "up",
+        "--report",
+        str(report),
+        "--state-dir",
+        str(tmp_path / "state"),
+        *args,
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

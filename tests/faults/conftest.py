@@ -78,7 +78,9 @@ class Worker:
         """Poll ``predicate()`` until truthy; the worker must stay alive meanwhile."""
         deadline = time.monotonic() + timeout
         while True:
-            assert self.alive(), f"{self.args[0]} exited ({self.proc.returncode}) while waiting for {what}:\n{self.tail()}"
+            assert self.alive(), (
+                f"{self.args[0]} exited ({self.proc.returncode}) while waiting for {what}:\n{self.tail()}"
+            )
             value = predicate()
             if value:
                 return value
@@ -152,13 +154,25 @@ def check_books(config: Config, students: list[str], examples: int, context: str
         labelled = {bid: {(p, o)} for bid, (p, o, _) in batches.items()}
     unlabelled = set(batches) - set(labelled)
     assert not unlabelled, f"{context}: {len(unlabelled)} batches never labelled, e.g. {sorted(unlabelled)[:3]}"
-    assert set(labelled) == set(batches), f"{context}: labels for unknown batches {sorted(set(labelled) - set(batches))[:3]}"
+    assert set(labelled) == set(batches), (
+        f"{context}: labels for unknown batches {sorted(set(labelled) - set(batches))[:3]}"
+    )
     assert all(len(v) == 1 for v in labelled.values()), f"{context}: a batch id labelled from two sources"
     for bid, (p, o, _) in batches.items():
         assert labelled[bid] == {(p, o)}, f"{context}: {bid} labelled as {labelled[bid]}, it is at {(p, o)}"
     for name in students:
         s = summary(config, name)
-        where = f"{context}: student {name}: {dict((k, s.get(k)) for k in ('batches_trained', 'unique_batches_trained', 'examples_trained', 'joined', 'missing', 'late', 'duplicate', 'pending'))}"
+        keys = (
+            "batches_trained",
+            "unique_batches_trained",
+            "examples_trained",
+            "joined",
+            "missing",
+            "late",
+            "duplicate",
+            "pending",
+        )
+        where = f"{context}: student {name}: { {k: s.get(k) for k in keys} }"
         assert s["batches_trained"] == s["unique_batches_trained"] == len(batches), where
         assert s["examples_trained"] == examples, where
         assert s["pending"] == 0, where

@@ -3,10 +3,11 @@
 Producer, teacher and two students run as real processes against their own embedded broker.
 The producer runs at ``--rate`` examples/s: the rate the teacher sustains on this machine
 beside two students (about 20k/s on 2 cores), not the producer's own ceiling (about 450k/s),
-which would only build a backlog that no drain time could clear. Every few seconds the RSS of each worker is sampled (/proc/<pid>/status
-VmRSS). Checks: memory stays bounded (the last minute's max RSS within RSS_GROWTH x the first
-minute's max, per worker) and lag returns to zero once the producer stops (each student trained
-every batch once). Prints a summary; exit status 1 on a failed check.
+which would only build a backlog that no drain time could clear. Every few seconds the RSS
+of each worker is sampled (/proc/<pid>/status VmRSS). Checks: memory stays bounded (the last
+minute's max RSS within RSS_GROWTH x the first minute's max, per worker) and lag returns to
+zero once the producer stops (each student trained every batch once). Prints a summary; exit
+status 1 on a failed check.
 
     python -m tests.faults.soak [--duration 150] [--drain 180] [--rate 15000]
 """
@@ -48,10 +49,16 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="distill-soak-"))
     failures: list[str] = []
     with EmbeddedBroker(log_file=tmp / "broker.log") as broker:
-        cfg = load_config(None, environ={}, state_dir=str(tmp / "state"), students=STUDENTS,
-                          kafka={"bootstrap_servers": broker.bootstrap, "session_timeout_ms": 6000},
-                          topics={"partitions": 2}, producer={"batch_size": 256},
-                          synthetic={"examples": 1_000_000_000})  # endless within --duration
+        cfg = load_config(
+            None,
+            environ={},
+            state_dir=str(tmp / "state"),
+            students=STUDENTS,
+            kafka={"bootstrap_servers": broker.bootstrap, "session_timeout_ms": 6000},
+            topics={"partitions": 2},
+            producer={"batch_size": 256},
+            synthetic={"examples": 1_000_000_000},
+        )  # endless within --duration
         path = tmp / "config.yaml"
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         c = ["--config", str(path)]
@@ -76,16 +83,20 @@ def main() -> int:
             drain_start = time.monotonic()
             lagging = {s["name"]: None for s in STUDENTS}
             while time.monotonic() - drain_start < args.drain:
-                lagging = {s["name"]: produced - workers[s["name"]].metric("distill_student_examples_trained_total")
-                           for s in STUDENTS}
+                lagging = {
+                    s["name"]: produced - workers[s["name"]].metric("distill_student_examples_trained_total")
+                    for s in STUDENTS
+                }
                 if all(v <= 0 for v in lagging.values()):
                     break
                 time.sleep(1.0)
             drained_s = time.monotonic() - drain_start
             if any(v != 0 for v in lagging.values()):
                 failures.append(f"examples not trained {args.drain:.0f}s after the producer stopped: {lagging}")
-            rates = {n: w.metric("distill_student_examples_per_second") or w.metric("distill_teacher_examples_per_second")
-                     for n, w in workers.items()}
+            rates = {
+                n: w.metric("distill_student_examples_per_second") or w.metric("distill_teacher_examples_per_second")
+                for n, w in workers.items()
+            }
             for n, w in workers.items():
                 if stop_proc(w.proc, 60) != 0:
                     failures.append(f"{n} did not stop cleanly: {w.tail(800)}")
@@ -94,23 +105,31 @@ def main() -> int:
         finally:
             for w in [*workers.values(), producer]:
                 w.kill()
-    print(f"soak: {args.duration:.0f}s offered {args.rate:,.0f} examples/s, {produced:,} examples produced "
-          f"({produced / args.duration:,.0f}/s), lag zero {drained_s:.1f}s after the producer stopped")
+    print(
+        f"soak: {args.duration:.0f}s offered {args.rate:,.0f} examples/s, {produced:,} examples produced "
+        f"({produced / args.duration:,.0f}/s), lag zero {drained_s:.1f}s after the producer stopped"
+    )
     for n, pts in samples.items():
         first = [r for t, r in pts if t <= 60] or [0]
         last = [r for t, r in pts if t >= pts[-1][0] - 60] if pts else [0]
         ok = max(last) <= RSS_GROWTH * max(first)
-        print(f"  {n:8s} RSS first-minute max {max(first):7.1f} MiB, last-minute max {max(last):7.1f} MiB "
-              f"({max(last) / max(first):.2f}x) {'ok' if ok else 'GROWING'}; rate {rates.get(n, 0):,.0f} ex/s")
+        print(
+            f"  {n:8s} RSS first-minute max {max(first):7.1f} MiB, last-minute max {max(last):7.1f} MiB "
+            f"({max(last) / max(first):.2f}x) {'ok' if ok else 'GROWING'}; rate {rates.get(n, 0):,.0f} ex/s"
+        )
         if not ok:
             failures.append(f"{n}: RSS grew {max(last) / max(first):.2f}x (limit {RSS_GROWTH}x)")
     if args.duration < 120:
         print("  (under 120 s the first and last minutes overlap: the RSS check is weak)")
     for s in STUDENTS:
         summary = json.loads((cfg.progress_dir() / f"student-{s['name']}.summary.json").read_text())
-        if not (summary["batches_trained"] == summary["unique_batches_trained"] and summary["examples_trained"] == produced):
-            failures.append(f"student {s['name']}: {summary['batches_trained']} batches, "
-                            f"{summary['unique_batches_trained']} unique, {summary['examples_trained']} of {produced} examples")
+        if not (
+            summary["batches_trained"] == summary["unique_batches_trained"] and summary["examples_trained"] == produced
+        ):
+            failures.append(
+                f"student {s['name']}: {summary['batches_trained']} batches, "
+                f"{summary['unique_batches_trained']} unique, {summary['examples_trained']} of {produced} examples"
+            )
     for f in failures:
         print("FAIL:", f)
     print(f"state and logs: {tmp}")

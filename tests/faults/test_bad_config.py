@@ -15,14 +15,17 @@ from tests.integration.workers import write_config
 
 
 def _distill(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "distill", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_unknown_keys_and_wrong_types_name_the_field(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('[kafka]\nbootstrap_servers = "x:1"\nsession_timout_ms = 3000\n\n'
-                   '[topics]\npartitions = "four"\n\n[teacher]\ndevice = "tpu"\n')
+    bad.write_text(
+        '[kafka]\nbootstrap_servers = "x:1"\nsession_timout_ms = 3000\n\n'
+        '[topics]\npartitions = "four"\n\n[teacher]\ndevice = "tpu"\n'
+    )
     started = time.monotonic()
     done = _distill("teacher", "--config", str(bad))
     took = time.monotonic() - started
@@ -44,7 +47,9 @@ def test_partition_counts_that_differ_stop_the_teacher(make_config, tmp_path):
     done = _distill("teacher", "--config", str(path), timeout=60)
     took = time.monotonic() - started
     assert done.returncode != 0, done
-    assert f"{config.topics.examples!r} has 3 partitions but {config.topics.labels!r} has 2" in done.stderr, done.stderr[-2000:]
+    assert f"{config.topics.examples!r} has 3 partitions but {config.topics.labels!r} has 2" in done.stderr, (
+        done.stderr[-2000:]
+    )
     assert took < 30, f"took {took:.1f}s"
     done = _distill("student", "--name", "aux", "--config", str(path), timeout=60)
     assert done.returncode != 0 and "has 3 partitions" in done.stderr, done.stderr[-2000:]

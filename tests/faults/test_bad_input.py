@@ -38,14 +38,21 @@ class Injector:
         self.kcat = shutil.which("kcat") or shutil.which("kafkacat")
         self.how = "confluent-kafka producer (kcat not installed)"
         if self.kcat:
-            probe = subprocess.run([self.kcat, "-L", "-b", bootstrap, "-m", "1"], capture_output=True, text=True, timeout=30)
+            probe = subprocess.run(
+                [self.kcat, "-L", "-b", bootstrap, "-m", "1"], capture_output=True, text=True, timeout=30
+            )
             if probe.returncode != 0 and OLD_LIBRDKAFKA in probe.stderr:
                 from tests.integration.distill.test_broker import bundled_librdkafka
 
                 lib = bundled_librdkafka()
                 self.env["LD_PRELOAD"] = lib or ""
-                probe = subprocess.run([self.kcat, "-L", "-b", bootstrap, "-m", "5"], capture_output=True, text=True,
-                                       timeout=30, env=self.env)
+                probe = subprocess.run(
+                    [self.kcat, "-L", "-b", bootstrap, "-m", "5"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    env=self.env,
+                )
             if probe.returncode == 0:
                 self.how = "kcat" + (" (LD_PRELOAD of the wheel's librdkafka)" if "LD_PRELOAD" in self.env else "")
             else:
@@ -58,8 +65,20 @@ class Injector:
         if self.kcat:
             path = self.tmp / f"inject-{self.n}.bin"
             path.write_bytes(value)  # one file = one message, bytes as they are
-            cmd = [self.kcat, "-P", "-b", self.bootstrap, "-t", topic, "-p", str(partition), "-k", key.decode(),
-                   "-X", "message.max.bytes=4000000"]
+            cmd = [
+                self.kcat,
+                "-P",
+                "-b",
+                self.bootstrap,
+                "-t",
+                topic,
+                "-p",
+                str(partition),
+                "-k",
+                key.decode(),
+                "-X",
+                "message.max.bytes=4000000",
+            ]
             for k, v in headers:
                 cmd += ["-H", f"{k}={v.decode()}"]
             done = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=30, env=self.env)
@@ -74,10 +93,12 @@ def bad_examples(make_batch, codec: Codec, rng: np.random.Generator) -> list[tup
     """(expected reason, value, headers) of each bad example message."""
     good, headers = codec.encode_examples(make_batch(32, seq=1, producer_id="injector"))
     fp = headers
-    out = [("missing_schema", rng.bytes(500), []),
-           ("undecodable", rng.bytes(500), fp),
-           ("undecodable", good[: len(good) // 2], fp),  # truncated Avro
-           ("unknown_schema", good, [(SCHEMA_HEADER, b"00" * 8)])]
+    out = [
+        ("missing_schema", rng.bytes(500), []),
+        ("undecodable", rng.bytes(500), fp),
+        ("undecodable", good[: len(good) // 2], fp),  # truncated Avro
+        ("unknown_schema", good, [(SCHEMA_HEADER, b"00" * 8)]),
+    ]
     short = make_batch(32, seq=2, producer_id="injector")
     rec = _record(short)
     rec["dense"] = rec["dense"][: -4 * len(short.dense_names)]  # one row short
@@ -93,18 +114,31 @@ def bad_examples(make_batch, codec: Codec, rng: np.random.Generator) -> list[tup
 
 def _record(b) -> dict:
     f32, i64 = "<f4", "<i8"
-    return {"batch_id": b.batch_id, "producer_id": b.producer_id, "seq": b.seq, "num_examples": b.size,
-            "event_time_ms": b.event_time_ms.astype(i64).tobytes(), "example_ids": b.example_ids.astype(i64).tobytes(),
-            "categorical_names": b.categorical_names, "categorical": b.categorical.astype(i64).tobytes(),
-            "dense_names": b.dense_names, "dense": b.dense.astype(f32).tobytes(), "task_names": b.task_names,
-            "labels": b.labels.astype(f32).tobytes(), "truth": None}
+    return {
+        "batch_id": b.batch_id,
+        "producer_id": b.producer_id,
+        "seq": b.seq,
+        "num_examples": b.size,
+        "event_time_ms": b.event_time_ms.astype(i64).tobytes(),
+        "example_ids": b.example_ids.astype(i64).tobytes(),
+        "categorical_names": b.categorical_names,
+        "categorical": b.categorical.astype(i64).tobytes(),
+        "dense_names": b.dense_names,
+        "dense": b.dense.astype(f32).tobytes(),
+        "task_names": b.task_names,
+        "labels": b.labels.astype(f32).tobytes(),
+        "truth": None,
+    }
 
 
 def test_bad_input_goes_to_the_dlq_and_good_traffic_is_untouched(make_config, make_batch, workers, tmp_path):
     rng = np.random.default_rng(SEED)
     # label_wait far above the test's pauses: every good batch must be trained *with* its label
-    config = make_config(topics={"partitions": 2}, wire={"max_message_bytes": 64 * 1024},
-                         students=[{"name": "s1", **FAST_STUDENT, "label_wait_s": 60.0}])
+    config = make_config(
+        topics={"partitions": 2},
+        wire={"max_message_bytes": 64 * 1024},
+        students=[{"name": "s1", **FAST_STUDENT, "label_wait_s": 60.0}],
+    )
     path = write_config(config, tmp_path / "config.yaml")
     first = produce_synthetic(config, 12 * 128, batch_size=128)  # creates the topics
     teacher = workers(["teacher", "--config", str(path)], tmp_path / "teacher.log")
@@ -115,7 +149,9 @@ def test_bad_input_goes_to_the_dlq_and_good_traffic_is_untouched(make_config, ma
     for i, (reason, value, headers) in enumerate(bad_examples(make_batch, codec, rng)):
         inject.send(config.topics.examples, i % 2, value, headers, key=f"bad-{i}".encode())
         expected_examples[reason] += 1
-    inject.send(config.topics.labels, 0, rng.bytes(300), codec.encode_labels(_label("x", 1))[1], key=FORGED + b"-garbage")
+    inject.send(
+        config.topics.labels, 0, rng.bytes(300), codec.encode_labels(_label("x", 1))[1], key=FORGED + b"-garbage"
+    )
     second = produce_synthetic(config, 12 * 128, batch_size=128)
     total = first["examples"] + second["examples"]
     student.wait(lambda: student.metric("distill_student_examples_trained_total") >= total, "first rounds trained", 90)
@@ -125,14 +161,20 @@ def test_bad_input_goes_to_the_dlq_and_good_traffic_is_untouched(make_config, ma
     before = set(good_examples(config))
     third = produce_synthetic(config, 4 * 128, batch_size=128)
     total += third["examples"]
-    student.wait(lambda: student.metric("distill_student_pending_batches") >= third["batches"], "third round pending", 30)
+    student.wait(
+        lambda: student.metric("distill_student_pending_batches") >= third["batches"], "third round pending", 30
+    )
     victims = sorted((p, o, bid, n) for bid, (p, o, n) in good_examples(config).items() if bid not in before)
     assert len(victims) == third["batches"], victims
     p, o, bid, n = victims[int(rng.integers(len(victims)))]
     forged = _label(bid, n, source_partition=p, source_offset=o)  # right size, wrong checksum
     value, headers = codec.encode_labels(forged)
     inject.send(config.topics.labels, p, value, headers, key=FORGED)
-    student.wait(lambda: student.metric("distill_dead_letters_total", reason="id_mismatch") >= 1, "forged label dead-lettered", 30)
+    student.wait(
+        lambda: student.metric("distill_dead_letters_total", reason="id_mismatch") >= 1,
+        "forged label dead-lettered",
+        30,
+    )
     teacher = workers(["teacher", "--config", str(path)], tmp_path / "teacher.log")
     student.wait(lambda: student.metric("distill_student_examples_trained_total") >= total, "everything trained", 90)
     assert teacher.alive() and student.alive()
@@ -144,7 +186,10 @@ def test_bad_input_goes_to_the_dlq_and_good_traffic_is_untouched(make_config, ma
     check_books(config, ["s1"], total, context)
     s = summary(config, "s1")
     assert s["joined"] == s["batches_trained"] and s["missing"] == 0, f"{context}: {s}"  # the forged label took nothing
-    ex_dlq = Counter((d["worker"].split("/")[0], d["reason"]) for d in dead_letters(config, config.topics.dlq(config.topics.examples)))
+    ex_dlq = Counter(
+        (d["worker"].split("/")[0], d["reason"])
+        for d in dead_letters(config, config.topics.dlq(config.topics.examples))
+    )
     want = Counter({(role, r): c for role in ("teacher", "student") for r, c in expected_examples.items()})
     assert ex_dlq == want, f"{context}: examples DLQ {dict(ex_dlq)} != {dict(want)}"
     lb_dlq = dead_letters(config, config.topics.dlq(config.topics.labels))
@@ -154,6 +199,14 @@ def test_bad_input_goes_to_the_dlq_and_good_traffic_is_untouched(make_config, ma
 
 
 def _label(batch_id: str, n: int, source_partition: int = 0, source_offset: int = 0) -> LabelBatch:
-    return LabelBatch(batch_id=batch_id, example_ids_checksum=12345, source_partition=source_partition,
-                      source_offset=source_offset, teacher_version=0, watermark=0, task_names=["click", "watch"],
-                      logits=np.zeros((n, 2), dtype=np.float32), produced_at_ms=int(time.time() * 1000))
+    return LabelBatch(
+        batch_id=batch_id,
+        example_ids_checksum=12345,
+        source_partition=source_partition,
+        source_offset=source_offset,
+        teacher_version=0,
+        watermark=0,
+        task_names=["click", "watch"],
+        logits=np.zeros((n, 2), dtype=np.float32),
+        produced_at_ms=int(time.time() * 1000),
+    )

@@ -15,8 +15,10 @@ STALL_S = 2 * TEST_SESSION_TIMEOUT_MS / 1000  # well past the session timeout
 
 def test_stall_longer_than_the_session_timeout(make_config, workers, tmp_path):
     with EmbeddedBroker(log_file=tmp_path / "own-broker.log") as broker:
-        config = make_config(kafka={"bootstrap_servers": broker.bootstrap},
-                             students=[{"name": "s1", **FAST_STUDENT, "label_wait_s": 30.0}])
+        config = make_config(
+            kafka={"bootstrap_servers": broker.bootstrap},
+            students=[{"name": "s1", **FAST_STUDENT, "label_wait_s": 30.0}],
+        )
         path = write_config(config, tmp_path / "config.yaml")
         total = produce_synthetic(config, 10 * 128, batch_size=128)["examples"]
         teacher = workers(["teacher", "--config", str(path)], tmp_path / "teacher.log")

@@ -37,7 +37,9 @@ def _lock(path, on: bool) -> None:
 def _committed(config) -> dict[int, int]:
     consumer = Clients(config.kafka, "offsets-check").consumer(config.student("s1").group_id)
     try:
-        tps = consumer.committed([TopicPartition(config.topics.examples, p) for p in range(config.topics.partitions)], 10)
+        tps = consumer.committed(
+            [TopicPartition(config.topics.examples, p) for p in range(config.topics.partitions)], 10
+        )
     finally:
         consumer.close()
     return {tp.partition: tp.offset for tp in tps}
@@ -53,7 +55,11 @@ def test_unwritable_checkpoint_dir_holds_the_commits_back(make_config, workers, 
     trained = lambda: student.metric("distill_student_examples_trained_total")  # noqa: E731
     student.wait(lambda: trained() >= total, "first round", 60)
     ckpts = Checkpointer(config.checkpoint_dir("student", "s1"))
-    student.wait(lambda: ckpts.versions() and ckpts.load_latest()[1]["counts"]["examples_trained"] >= total, "checkpoint of round 1", 20)
+    student.wait(
+        lambda: ckpts.versions() and ckpts.load_latest()[1]["counts"]["examples_trained"] >= total,
+        "checkpoint of round 1",
+        20,
+    )
     student.wait(lambda: all(o >= 0 for o in _committed(config).values()), "first commit", 20)
 
     _lock(ckpts.dir, True)
@@ -66,7 +72,9 @@ def test_unwritable_checkpoint_dir_holds_the_commits_back(make_config, workers, 
         time.sleep(1.0)  # more failed attempts: none may commit
         committed = _committed(config)
         assert ckpts.load_latest()[0] == version, "a checkpoint was written into an immutable directory?"
-        assert committed == durable, f"committed {committed} but the last durable checkpoint (v{version}) holds {durable}"
+        assert committed == durable, (
+            f"committed {committed} but the last durable checkpoint (v{version}) holds {durable}"
+        )
         assert student.get("/healthz")[0] == 200
         assert "checkpoint failed" in student.log.read_text()
     finally:

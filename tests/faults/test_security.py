@@ -22,7 +22,9 @@ from tests.integration.workers import write_config
 
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
 OPENSSL = shutil.which("openssl")
-needs_tls = pytest.mark.skipif(not (STUNNEL and OPENSSL), reason="needs stunnel4 and openssl (apt-get install stunnel4)")
+needs_tls = pytest.mark.skipif(
+    not (STUNNEL and OPENSSL), reason="needs stunnel4 and openssl (apt-get install stunnel4)"
+)
 SENTINEL = "s3ntinel-Pa55w0rd-do-not-log"
 
 
@@ -35,14 +37,55 @@ def make_pki(d: Path) -> Path:
     """ca (signs server and client), other-ca (signs nothing we serve)."""
     d.mkdir(exist_ok=True)
     for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=test {ca}",
-                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=test {ca}",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            cwd=d,
+        )
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for who in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key",
-                 "-out", f"{who}.csr", cwd=d)
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-extfile", "san.ext", "-out", f"{who}.pem", cwd=d)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={who}",
+            "-keyout",
+            f"{who}.key",
+            "-out",
+            f"{who}.csr",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{who}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            f"{who}.pem",
+            cwd=d,
+        )
     return d
 
 
@@ -52,9 +95,16 @@ def tls_broker(tmp: Path, pki: Path, mutual: bool = False):
     inner, outer = free_port(), free_port()
     broker = EmbeddedBroker(port=inner, advertised_port=outer, log_file=tmp / f"broker-{outer}.log")
     conf = tmp / f"stunnel-{outer}.conf"
-    lines = ["foreground = yes", "pid =", f"output = {tmp / f'stunnel-{outer}.log'}", "[kafka]",
-             f"accept = 127.0.0.1:{outer}", f"connect = 127.0.0.1:{inner}",
-             f"cert = {pki / 'server.pem'}", f"key = {pki / 'server.key'}"]
+    lines = [
+        "foreground = yes",
+        "pid =",
+        f"output = {tmp / f'stunnel-{outer}.log'}",
+        "[kafka]",
+        f"accept = 127.0.0.1:{outer}",
+        f"connect = 127.0.0.1:{inner}",
+        f"cert = {pki / 'server.pem'}",
+        f"key = {pki / 'server.key'}",
+    ]
     if mutual:
         lines += ["verify = 2", f"CAfile = {pki / 'ca.pem'}"]
     conf.write_text("\n".join(lines) + "\n")
@@ -116,17 +166,26 @@ def test_tls_through_stunnel(make_config, make_consumer, consume, tmp_path, capl
         ssl = {"bootstrap_servers": bootstrap, "security_protocol": "SSL", "ssl_ca_location": str(pki / "ca.pem")}
         with pytest.raises(BrokerError):  # no client certificate: refused
             wait_for_broker(Clients(make_config(kafka=ssl).kafka, "no-cert").admin(), seconds=3)
-        mtls = make_config(kafka={**ssl, "ssl_certificate_location": str(pki / "client.pem"),
-                                  "ssl_key_location": str(pki / "client.key")})
+        mtls = make_config(
+            kafka={
+                **ssl,
+                "ssl_certificate_location": str(pki / "client.pem"),
+                "ssl_key_location": str(pki / "client.key"),
+            }
+        )
         _roundtrip(mtls, make_consumer, consume)
 
 
 def test_sasl_settings_reach_the_client_and_secrets_stay_out_of_output(make_config, tmp_path):
     from distill.config import load_config
 
-    env = {"DISTILL_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "DISTILL_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
-           "DISTILL_KAFKA__SASL_USERNAME": "distill", "DISTILL_KAFKA__SASL_PASSWORD": SENTINEL,
-           "DISTILL_KAFKA__SSL_KEY_PASSWORD": SENTINEL + "-key"}
+    env = {
+        "DISTILL_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        "DISTILL_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+        "DISTILL_KAFKA__SASL_USERNAME": "distill",
+        "DISTILL_KAFKA__SASL_PASSWORD": SENTINEL,
+        "DISTILL_KAFKA__SSL_KEY_PASSWORD": SENTINEL + "-key",
+    }
     cfg = load_config(None, environ=env)
     conf = client_config(cfg.kafka)
     assert conf["sasl.password"] == SENTINEL and conf["ssl.key.password"] == SENTINEL + "-key"
@@ -134,8 +193,13 @@ def test_sasl_settings_reach_the_client_and_secrets_stay_out_of_output(make_conf
     assert SENTINEL not in repr(redacted(conf)) and SENTINEL not in repr(cfg)
     import os
 
-    shown = subprocess.run([sys.executable, "-m", "distill", "check-config"], capture_output=True, text=True,
-                           timeout=60, env={**os.environ, **env})
+    shown = subprocess.run(
+        [sys.executable, "-m", "distill", "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
     assert shown.returncode == 0, shown.stderr
     assert '"sasl_username": "distill"' in shown.stdout
     assert SENTINEL not in shown.stdout + shown.stderr
@@ -146,8 +210,12 @@ def test_sasl_settings_reach_the_client_and_secrets_stay_out_of_output(make_conf
     path = write_config(config, tmp_path / "config.yaml")
     worker = Worker(["teacher", "--config", str(path)], tmp_path / "teacher.log")
     old = dict(os.environ)
-    os.environ.update(DISTILL_KAFKA__SASL_PASSWORD=SENTINEL, DISTILL_KAFKA__SASL_USERNAME="distill",
-                      DISTILL_KAFKA__SASL_MECHANISM="PLAIN", DISTILL_LOG_LEVEL="DEBUG")
+    os.environ.update(
+        DISTILL_KAFKA__SASL_PASSWORD=SENTINEL,
+        DISTILL_KAFKA__SASL_USERNAME="distill",
+        DISTILL_KAFKA__SASL_MECHANISM="PLAIN",
+        DISTILL_LOG_LEVEL="DEBUG",
+    )
     try:
         worker.start()  # spawn copies os.environ
     finally:

@@ -20,8 +20,15 @@ from producers.service import run_producer
 
 
 def produce_synthetic(config: Config, examples: int, batch_size: int = 256) -> dict:
-    return run_producer(config, "synthetic", handle_signals=False, serve_http=False,
-                        max_examples=examples, batch_size=batch_size, linger_ms=5)
+    return run_producer(
+        config,
+        "synthetic",
+        handle_signals=False,
+        serve_http=False,
+        max_examples=examples,
+        batch_size=batch_size,
+        linger_ms=5,
+    )
 
 
 def read_all(config: Config, topic: str, timeout: float = 10.0, idle: float = 1.5) -> list:
@@ -44,8 +51,10 @@ def read_all(config: Config, topic: str, timeout: float = 10.0, idle: float = 1.
 
 def read_labels(config: Config) -> list[tuple[int, int, LabelBatch]]:
     codec = Codec()
-    return [(m.partition(), m.offset(), codec.decode_labels(m.value(), m.headers()))
-            for m in read_all(config, config.topics.labels)]
+    return [
+        (m.partition(), m.offset(), codec.decode_labels(m.value(), m.headers()))
+        for m in read_all(config, config.topics.labels)
+    ]
 
 
 def example_batch_ids(config: Config) -> dict[str, tuple[int, int]]:
@@ -73,8 +82,9 @@ def write_config(config: Config, path: Path) -> Path:
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "distill", *args], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill", *args], stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env
+    )
 
 
 def kill9(proc: subprocess.Popen) -> None:

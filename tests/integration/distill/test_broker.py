@@ -140,8 +140,7 @@ def bundled_librdkafka() -> str | None:
 def kcat_list(kcat: str, bootstrap: str) -> subprocess.CompletedProcess:
     def run(seconds: int, **env: str) -> subprocess.CompletedProcess:
         cmd = [kcat, "-L", "-b", bootstrap, "-m", str(seconds)]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
-                              env=dict(os.environ, **env))
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=dict(os.environ, **env))
 
     listed = run(1)  # an old librdkafka fails at once, then retries until -m runs out
     if listed.returncode != 0 and OLD_LIBRDKAFKA in listed.stderr:
@@ -158,7 +157,9 @@ def start_cli_broker(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     port = broker_module.free_port()
     proc = subprocess.Popen(
         [*distill_command(), "broker", "--port", str(port), "--log-file", str(tmp_path / "b.log")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     line = proc.stdout.readline()
     if f"ready at 127.0.0.1:{port}" not in line:

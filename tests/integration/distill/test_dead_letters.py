@@ -24,8 +24,7 @@ def producer(config_with_topics):
     return Clients(config_with_topics.kafka, "test").producer()
 
 
-def send_and_fetch(config, producer, make_consumer, consume, *, value, headers, key, error=None,
-                   worker="w0"):
+def send_and_fetch(config, producer, make_consumer, consume, *, value, headers, key, error=None, worker="w0"):
     """Produce one message, consume it, fail to decode it, dead-letter it, read the DLQ."""
     topic = config.topics.examples
     producer.produce(topic, value=value, headers=headers, key=key, partition=1)
@@ -42,8 +41,7 @@ def send_and_fetch(config, producer, make_consumer, consume, *, value, headers, 
     return msg, error, dead
 
 
-def test_bad_message_goes_to_dlq_whole(config_with_topics, producer, make_consumer, consume,
-                                       make_batch):
+def test_bad_message_goes_to_dlq_whole(config_with_topics, producer, make_consumer, consume, make_batch):
     config = config_with_topics
     topic = config.topics.examples
     good_value, good_headers = Codec().encode_examples(make_batch(n=4))
@@ -51,8 +49,9 @@ def test_bad_message_goes_to_dlq_whole(config_with_topics, producer, make_consum
     headers = [*good_headers, ("trace", b"abc"), ("empty", None)]
     before = dead_letter_count("w0", topic, "undecodable")
 
-    msg, error, dead = send_and_fetch(config, producer, make_consumer, consume,
-                                      value=garbled, headers=headers, key=b"k1")
+    msg, error, dead = send_and_fetch(
+        config, producer, make_consumer, consume, value=garbled, headers=headers, key=b"k1"
+    )
 
     assert dead.topic() == f"{topic}.dlq"
     assert dead.key() == b"k1"
@@ -66,8 +65,7 @@ def test_bad_message_goes_to_dlq_whole(config_with_topics, producer, make_consum
     assert record["payload"] == garbled  # byte for byte
     assert record["reason"] == "undecodable"
     assert record["error"] == error.detail
-    assert (record["source_topic"], record["source_partition"], record["source_offset"]) == (
-        topic, 1, msg.offset())
+    assert (record["source_topic"], record["source_partition"], record["source_offset"]) == (topic, 1, msg.offset())
     assert record["worker"] == "test/w0"
     assert record["failed_at_ms"] > 1_600_000_000_000
     assert [(h["key"], h["value"]) for h in record["original_headers"]] == headers
@@ -75,9 +73,16 @@ def test_bad_message_goes_to_dlq_whole(config_with_topics, producer, make_consum
 
 
 def test_message_without_schema_header(config_with_topics, producer, make_consumer, consume):
-    msg, error, dead = send_and_fetch(config_with_topics, producer, make_consumer, consume,
-                                      value=b"\x00\x01not avro", headers=None, key=None,
-                                      worker="w1")
+    msg, error, dead = send_and_fetch(
+        config_with_topics,
+        producer,
+        make_consumer,
+        consume,
+        value=b"\x00\x01not avro",
+        headers=None,
+        key=None,
+        worker="w1",
+    )
     assert error.reason == "missing_schema"
     assert dict(dead.headers())["distill.dlq.reason"] == b"missing_schema"
     record = Codec().decode_dead_letter(dead.value(), dead.headers())
@@ -87,23 +92,37 @@ def test_message_without_schema_header(config_with_topics, producer, make_consum
 
 
 def test_tombstone_keeps_a_null_payload(config_with_topics, producer, make_consumer, consume):
-    _, error, dead = send_and_fetch(config_with_topics, producer, make_consumer, consume,
-                                    value=None, headers=[(SCHEMA_HEADER, b"00")], key=b"gone",
-                                    worker="w2")
+    _, error, dead = send_and_fetch(
+        config_with_topics,
+        producer,
+        make_consumer,
+        consume,
+        value=None,
+        headers=[(SCHEMA_HEADER, b"00")],
+        key=b"gone",
+        worker="w2",
+    )
     assert error.reason == "empty"
     record = Codec().decode_dead_letter(dead.value(), dead.headers())
     assert record["payload"] is None
     assert record["reason"] == "empty"
 
 
-def test_any_exception_is_a_processing_error(config_with_topics, producer, make_consumer,
-                                             consume, make_batch):
+def test_any_exception_is_a_processing_error(config_with_topics, producer, make_consumer, consume, make_batch):
     value, headers = Codec().encode_examples(make_batch(n=2))
     topic = config_with_topics.topics.examples
     before = dead_letter_count("w3", topic, "processing_error")
-    _, _, dead = send_and_fetch(config_with_topics, producer, make_consumer, consume,
-                                value=value, headers=headers, key=None, worker="w3",
-                                error=ValueError("id mismatch in join"))
+    _, _, dead = send_and_fetch(
+        config_with_topics,
+        producer,
+        make_consumer,
+        consume,
+        value=value,
+        headers=headers,
+        key=None,
+        worker="w3",
+        error=ValueError("id mismatch in join"),
+    )
     plain = dict(dead.headers())
     assert plain["distill.dlq.reason"] == b"processing_error"
     assert plain["distill.dlq.error"] == b"ValueError: id mismatch in join"

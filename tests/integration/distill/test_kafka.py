@@ -29,11 +29,18 @@ def create(admin, name: str, partitions: int) -> None:
 
 # -- client configuration (no broker needed, kept beside the clients it configures) ----------
 def test_client_config_passes_security_and_extra_and_redacts_secrets():
-    cfg = load_config(None, environ={}, kafka={
-        "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
-        "sasl_username": "u", "sasl_password": "hunter2", "ssl_ca_location": "/ca.pem",
-        "extra": {"socket.keepalive.enable": True},
-    })
+    cfg = load_config(
+        None,
+        environ={},
+        kafka={
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "u",
+            "sasl_password": "hunter2",
+            "ssl_ca_location": "/ca.pem",
+            "extra": {"socket.keepalive.enable": True},
+        },
+    )
     conf = client_config(cfg.kafka)
     assert conf["security.protocol"] == "SASL_SSL"
     assert conf["sasl.password"] == "hunter2"
@@ -82,8 +89,7 @@ def test_missing_topic_is_reported_not_created(config):
 
 
 # -- produce and consume -----------------------------------------------------------------------
-def test_example_batches_round_trip_through_the_broker(config_with_topics, make_batch,
-                                                        make_consumer, consume):
+def test_example_batches_round_trip_through_the_broker(config_with_topics, make_batch, make_consumer, consume):
     config = config_with_topics
     codec = Codec()
     clients = Clients(config.kafka, "test")
@@ -92,8 +98,13 @@ def test_example_batches_round_trip_through_the_broker(config_with_topics, make_
     for seq in range(6):
         batch = make_batch(n=64 if seq else 0, seq=seq, truth=seq % 2 == 0)
         value, headers = codec.encode_examples(batch)
-        producer.produce(config.topics.examples, value=value, headers=headers,
-                         key=batch.batch_id.encode(), partition=seq % config.topics.partitions)
+        producer.produce(
+            config.topics.examples,
+            value=value,
+            headers=headers,
+            key=batch.batch_id.encode(),
+            partition=seq % config.topics.partitions,
+        )
         sent[batch.batch_id] = batch
     assert producer.flush(10) == 0
 
@@ -112,16 +123,22 @@ def test_example_batches_round_trip_through_the_broker(config_with_topics, make_
         assert (got[batch_id].truth is None) == (batch.truth is None)
 
 
-def test_label_batch_round_trip_in_a_transaction(config_with_topics, make_consumer, consume,
-                                                 unique_name):
+def test_label_batch_round_trip_in_a_transaction(config_with_topics, make_consumer, consume, unique_name):
     config = config_with_topics
     codec = Codec()
     producer = Clients(config.kafka, "test").producer(transactional_id=unique_name("txn"))
     producer.init_transactions(10)
     ids = np.arange(32, dtype=np.int64)
-    labels = LabelBatch(batch_id="p-0", example_ids_checksum=ids_checksum(ids),
-                        source_partition=1, source_offset=0, teacher_version=1, watermark=0,
-                        task_names=["click", "watch"], logits=np.ones((32, 2), dtype=np.float32))
+    labels = LabelBatch(
+        batch_id="p-0",
+        example_ids_checksum=ids_checksum(ids),
+        source_partition=1,
+        source_offset=0,
+        teacher_version=1,
+        watermark=0,
+        task_names=["click", "watch"],
+        logits=np.ones((32, 2), dtype=np.float32),
+    )
     producer.begin_transaction()
     value, headers = codec.encode_labels(labels)
     producer.produce(config.topics.labels, value=value, headers=headers, partition=1)
@@ -163,8 +180,9 @@ def test_delivery_tracker_counts_delivered(config_with_topics):
 def test_delivery_tracker_surfaces_failures(config):
     from distill.kafka import DeliveryTracker
 
-    dead = config.model_copy(update={
-        "kafka": config.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"})})
+    dead = config.model_copy(
+        update={"kafka": config.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"})}
+    )
     tracker = DeliveryTracker()
     producer = Clients(dead.kafka, "test").producer(**{"message.timeout.ms": 300})
     for _ in range(3):

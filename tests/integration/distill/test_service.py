@@ -29,8 +29,7 @@ def get(port: int, path: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def service() -> Iterator[Service]:
-    s = Service(role="test", worker=f"w-{uuid.uuid4().hex[:6]}", host="127.0.0.1",
-                health_timeout_s=0.3)
+    s = Service(role="test", worker=f"w-{uuid.uuid4().hex[:6]}", host="127.0.0.1", health_timeout_s=0.3)
     s.start_http()
     yield s
     s.shutdown_http()
@@ -66,8 +65,7 @@ def test_healthz_turns_503_when_the_heartbeat_is_stale(service):
 def test_readyz_is_503_until_ready(service):
     code, _, body = get(service.port, "/readyz")
     assert code == 503
-    assert json.loads(body) == {"ok": False, "role": "test", "worker": service.worker,
-                                "detail": "starting"}
+    assert json.loads(body) == {"ok": False, "role": "test", "worker": service.worker, "detail": "starting"}
     service.set_ready(True, "partitions assigned")
     code, _, body = get(service.port, "/readyz?verbose=1")  # query strings are ignored
     assert code == 200 and json.loads(body)["detail"] == "partitions assigned"
@@ -148,7 +146,9 @@ def worker(tmp_path) -> Iterator:
         out = tmp_path / f"closed-{len(procs)}.txt"
         proc = subprocess.Popen(
             [sys.executable, str(script), str(out), str(close_seconds), str(stop_deadline_s)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         procs.append(proc)

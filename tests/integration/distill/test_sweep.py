@@ -21,9 +21,13 @@ from producers.service import run_producer
 
 # Hashing 300 users and 200 items into 2003 rows instead of 20011 changes no collision that
 # matters and makes every model's embedding update ten times cheaper.
-SMALL_TABLES = {"categorical": [{"name": "user_id", "buckets": 2003},
-                                {"name": "item_id", "buckets": 2003},
-                                {"name": "item_group", "buckets": 101}]}
+SMALL_TABLES = {
+    "categorical": [
+        {"name": "user_id", "buckets": 2003},
+        {"name": "item_id", "buckets": 2003},
+        {"name": "item_group", "buckets": 101},
+    ]
+}
 
 TINY_AND_LARGE = """
 [[candidates]]
@@ -47,8 +51,7 @@ def one_thread():
 
 
 def _produce(config, examples: int, **overrides) -> dict:
-    return run_producer(config, "synthetic", handle_signals=False, serve_http=False,
-                        max_examples=examples, **overrides)
+    return run_producer(config, "synthetic", handle_signals=False, serve_http=False, max_examples=examples, **overrides)
 
 
 def _committed(config, group: str) -> dict[int, int]:
@@ -58,8 +61,7 @@ def _committed(config, group: str) -> dict[int, int]:
     return {tp.partition: tp.offset for tp in parts if tp.offset >= 0}
 
 
-def test_sweep_ranks_the_larger_teacher_first_and_leaves_live_groups_alone(make_config, tmp_path,
-                                                                          one_thread):
+def test_sweep_ranks_the_larger_teacher_first_and_leaves_live_groups_alone(make_config, tmp_path, one_thread):
     """A cold-started teacher pays off for its students only once it is well ahead of them:
     on this stream the default teacher's labels *hurt* an aux student for the first ~80k
     examples (the sweep starts every candidate cold) and help after ~100k. So the
@@ -74,8 +76,7 @@ def test_sweep_ranks_the_larger_teacher_first_and_leaves_live_groups_alone(make_
     in 6 seeds of 8, by 0.0057 at seed 7; the test asks for half of that margin: it guards the
     sweep's learning path (a broken teacher, proxy or order loses it), not a lucky draw.
     """
-    config = make_config(topics={"partitions": 1}, features=SMALL_TABLES,
-                         synthetic={"seed": 7, "examples": 160_000})
+    config = make_config(topics={"partitions": 1}, features=SMALL_TABLES, synthetic={"seed": 7, "examples": 160_000})
     produced = _produce(config, 160_000, linger_ms=60_000)
     assert produced["examples"] == 160_000
     live = config.teacher.group_id
@@ -88,8 +89,7 @@ def test_sweep_ranks_the_larger_teacher_first_and_leaves_live_groups_alone(make_
     candidates = tmp_path / "candidates.toml"
     candidates.write_text(TINY_AND_LARGE)
     started = time.monotonic()
-    report = run_sweep(config, candidates, Window(), warmup=0.5, output=tmp_path / "out",
-                       run_id="it", device="cpu")
+    report = run_sweep(config, candidates, Window(), warmup=0.5, output=tmp_path / "out", run_id="it", device="cpu")
     seconds = time.monotonic() - started
 
     assert _committed(config, live) == before  # the live group's offsets are untouched
@@ -108,22 +108,36 @@ def test_sweep_ranks_the_larger_teacher_first_and_leaves_live_groups_alone(make_
     assert large["examples"] == tiny["examples"] == 160_000  # two candidates: one rung each
     saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert saved["winner"] == "large" and saved["group_id"] == "sweep.it"
-    print(f"sweep of 160k examples: {seconds:.1f}s; gains large {large['proxy']['gain']:+.5f} "
-          f"tiny {tiny['proxy']['gain']:+.5f}")
+    print(
+        f"sweep of 160k examples: {seconds:.1f}s; gains large {large['proxy']['gain']:+.5f} "
+        f"tiny {tiny['proxy']['gain']:+.5f}"
+    )
 
 
 def test_cli_sweep_respects_the_budget_and_writes_a_loadable_winner(make_config, tmp_path):
-    config = make_config(features=SMALL_TABLES, teacher={"model": {"hidden": [32],
-                                                                    "embedding_dim": 8}})
+    config = make_config(features=SMALL_TABLES, teacher={"model": {"hidden": [32], "embedding_dim": 8}})
     _produce(config, 24_000)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     candidates = tmp_path / "grid.toml"
     candidates.write_text("[grid]\nhidden = [[8], [16], [32], [64]]\n")
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, [
-        "sweep", "--config", str(config_file), "--candidates", str(candidates),
-        "--budget-examples", "40000", "--warmup", "0.2", "--output", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            "--config",
+            str(config_file),
+            "--candidates",
+            str(candidates),
+            "--budget-examples",
+            "40000",
+            "--warmup",
+            "0.2",
+            "--output",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "winner:" in result.output and "gain/GFLOP" in result.output
     report = json.loads((out / "sweep.json").read_text())
@@ -152,8 +166,7 @@ def test_window_by_time_and_offsets(make_config):
     everything = read_window(config, Window(), "sweep.test-all", max_bytes=2**30)
     assert everything.examples == first["examples"] + second["examples"]
     counts = {p: v["batches"] for p, v in everything.partitions.items()}
-    some = read_window(config, Window(from_offset={0: 1}, to_offset={0: 3}), "sweep.test-offsets",
-                       max_bytes=2**30)
+    some = read_window(config, Window(from_offset={0: 1}, to_offset={0: 3}), "sweep.test-offsets", max_bytes=2**30)
     assert some.partitions[0]["batches"] == 2 and some.partitions[0]["first"] == 1
     assert some.partitions[1]["batches"] == counts[1]
     times = [int(b.event_time_ms.min()) for b in later.batches]

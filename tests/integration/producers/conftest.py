@@ -54,11 +54,6 @@ def read_back(make_consumer, consume) -> Callable[..., Produced]:
         msgs = consume(consumer, n_batches, timeout=timeout)
         extra = consumer.poll(0.3)
         assert extra is None, "more batches than the producer reported"
-        return Produced(
-            [
-                (m.partition(), m.offset(), codec.decode_examples(m.value(), m.headers()))
-                for m in msgs
-            ]
-        )
+        return Produced([(m.partition(), m.offset(), codec.decode_examples(m.value(), m.headers())) for m in msgs])
 
     return read

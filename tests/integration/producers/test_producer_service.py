@@ -37,17 +37,16 @@ def test_synthetic_every_example_once_users_sharded(make_config, read_back):
     result = run_producer(cfg, "synthetic", batch_size=500, **QUIET)
     assert result["examples"] == result["accepted"] == 20_000 and result["stopped"] == "end_of_data"
     assert result["partitions"] == 4 and result["position"] == 20_000
-    assert (
-        metric("distill_producer_examples_total", producer=pid, source="synthetic") - before
-        == 20_000
-    )
+    assert metric("distill_producer_examples_total", producer=pid, source="synthetic") - before == 20_000
 
     out = read_back(cfg, result["batches"])
     assert np.array_equal(np.sort(out.ids), np.arange(20_000))
     ids = [b.batch_id for _, _, b in out.batches]
     assert len(set(ids)) == len(ids) == result["batches"]
     assert sorted(b.seq for _, _, b in out.batches) == list(range(result["batches"]))
-    assert all(i.startswith(f"{pid}-") and i.endswith(f"-{b.seq}") for i, (_, _, b) in zip(ids, out.batches))
+    assert all(
+        i.startswith(f"{pid}-") and i.endswith(f"-{b.seq}") for i, (_, _, b) in zip(ids, out.batches, strict=True)
+    )
     assert all(b.size <= 500 and b.truth is not None for _, _, b in out.batches)
     assert len(out.by_partition()) == 4
     out.assert_time_order_per_partition()
@@ -56,9 +55,7 @@ def test_synthetic_every_example_once_users_sharded(make_config, read_back):
     first = min(out.batches, key=lambda x: x[2].example_ids[0])[2]
     expected = Chunk.concat(list(SyntheticSource(cfg.synthetic).chunks()))
     rows = first.example_ids
-    assert np.array_equal(first.labels, expected.labels[rows]) and np.array_equal(
-        first.truth, expected.truth[rows]
-    )
+    assert np.array_equal(first.labels, expected.labels[rows]) and np.array_equal(first.truth, expected.truth[rows])
 
 
 def test_movielens_full_replay(make_config, read_back):
@@ -94,9 +91,7 @@ def test_round_robin_spreads_batches(make_config, read_back):
 def test_rate_limit_and_linger(make_config, read_back):
     cfg = make_config(topics={"partitions": 1}, synthetic={"examples": 10_000})
     t = time.monotonic()
-    result = run_producer(
-        cfg, "synthetic", rate=4000, max_examples=2000, batch_size=10_000, linger_ms=40, **QUIET
-    )
+    result = run_producer(cfg, "synthetic", rate=4000, max_examples=2000, batch_size=10_000, linger_ms=40, **QUIET)
     elapsed = time.monotonic() - t
     assert result["examples"] == 2000 and result["stopped"] == "max_examples"
     assert 0.45 < elapsed < 5.0  # 2000 examples at 4000/s
@@ -144,9 +139,7 @@ def test_backpressure_bounds_the_in_flight_window(make_config, read_back):
 def test_resume_from_position_file(make_config, read_back, tmp_path):
     cfg = make_config(topics={"partitions": 3}, synthetic={"examples": 6_000})
     pos_file = tmp_path / "positions" / "synthetic.json"
-    first = run_producer(
-        cfg, "synthetic", position_file=pos_file, max_examples=2_500, batch_size=256, **QUIET
-    )
+    first = run_producer(cfg, "synthetic", position_file=pos_file, max_examples=2_500, batch_size=256, **QUIET)
     assert first["examples"] == 2_500 and first["stopped"] == "max_examples"
     stored = position.load(pos_file, "synthetic", "x")
     assert stored.delivered.watermark == 2_500 and stored.next_seq == first["batches"]
@@ -184,9 +177,7 @@ def test_resume_skips_positions_acknowledged_out_of_order(make_config, read_back
 
 def test_stop_flushes_everything_accepted_and_serves_metrics(make_config, read_back, tmp_path):
     cfg = make_config(topics={"partitions": 2}, synthetic={"examples": 1_000_000})
-    pcfg = producer_settings(
-        cfg, rate=5_000, batch_size=10_000, linger_ms=5_000, position_file=tmp_path / "p.json"
-    )
+    pcfg = producer_settings(cfg, rate=5_000, batch_size=10_000, linger_ms=5_000, position_file=tmp_path / "p.json")
     service = Service("producer", pcfg.producer_id, port=0, host="127.0.0.1")
     port = service.start_http()
     worker = ProducerService(cfg, SyntheticSource(cfg.synthetic), producer=pcfg, service=service)
@@ -212,10 +203,7 @@ def test_stop_flushes_everything_accepted_and_serves_metrics(make_config, read_b
     assert metric("distill_producer_batches_total", **labels) == result["batches"]
     out = read_back(cfg, result["batches"])
     assert np.array_equal(np.sort(out.ids), np.arange(result["accepted"]))
-    assert (
-        position.load(tmp_path / "p.json", "synthetic", "x").delivered.watermark
-        == result["accepted"]
-    )
+    assert position.load(tmp_path / "p.json", "synthetic", "x").delivered.watermark == result["accepted"]
     with pytest.raises(OSError):  # the HTTP server is down after the stop
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 

@@ -10,11 +10,20 @@ from distill.kafka import Clients
 from student_worker.worker import StudentWorker
 from teacher_worker.worker import TeacherWorker
 from tests.integration.workers import (
-    example_batch_ids, kill9, produce_synthetic, read_all, run_until, spawn, stop, write_config,
+    example_batch_ids,
+    kill9,
+    produce_synthetic,
+    read_all,
+    run_until,
+    spawn,
+    stop,
+    write_config,
 )
 
-STUDENTS = [{"name": "aux", "mode": "aux", "label_wait_s": 0.5, "checkpoint": {"every_batches": 5}},
-            {"name": "none", "mode": "none", "label_wait_s": 0.5, "checkpoint": {"every_batches": 5}}]
+STUDENTS = [
+    {"name": "aux", "mode": "aux", "label_wait_s": 0.5, "checkpoint": {"every_batches": 5}},
+    {"name": "none", "mode": "none", "label_wait_s": 0.5, "checkpoint": {"every_batches": 5}},
+]
 
 
 def _label_everything(config, batches: int) -> TeacherWorker:
@@ -60,13 +69,17 @@ def test_duplicate_labels_are_ignored(make_config):
     labels = read_all(config, config.topics.labels)
     assert len(labels) == batches
     for msg in labels:
-        producer.produce(config.topics.labels, value=msg.value(), key=msg.key(),
-                         partition=msg.partition(), headers=msg.headers())
+        producer.produce(
+            config.topics.labels, value=msg.value(), key=msg.key(), partition=msg.partition(), headers=msg.headers()
+        )
     producer.flush(10)
     student = StudentWorker(config, "aux")
     student.start()
-    run_until(lambda: student.counts["batches_trained"] >= batches and
-              student.counts["duplicate"] >= batches, [student.step], 60)
+    run_until(
+        lambda: student.counts["batches_trained"] >= batches and student.counts["duplicate"] >= batches,
+        [student.step],
+        60,
+    )
     assert student.counts["joined"] == batches
     assert student.counts["duplicate"] == batches
     assert student.counts["missing"] == 0
@@ -81,8 +94,7 @@ def test_two_students_with_different_modes_share_one_labels_topic(make_config):
     students = [StudentWorker(config, s["name"]) for s in STUDENTS]
     for s in students:
         s.start()
-    run_until(lambda: all(s.counts["batches_trained"] >= batches for s in students),
-              [s.step for s in students], 60)
+    run_until(lambda: all(s.counts["batches_trained"] >= batches for s in students), [s.step for s in students], 60)
     for s in students:
         assert s.counts["joined"] == batches, (s.name, s.counts)
         snap = s.snapshot()["metrics"]["click"]

@@ -25,8 +25,11 @@ def _unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
 
 
 def test_null_teacher_labels_every_batch_and_null_student_joins_everything(make_config):
-    config = make_config(topics={"partitions": 2}, teacher={"model": NULL},
-                         students=[{"name": "null", "model": NULL, "label_wait_s": 30}])
+    config = make_config(
+        topics={"partitions": 2},
+        teacher={"model": NULL},
+        students=[{"name": "null", "model": NULL, "label_wait_s": 30}],
+    )
     produced = produce_synthetic(config, 3000, batch_size=200)
     batches = produced["batches"]
     assert batches >= 10

@@ -14,15 +14,30 @@ from distill.models import RankingModel, batch_tensors, make_optimizer
 from distill.wire import Codec, ids_checksum
 from teacher_worker.worker import TeacherWorker
 from tests.integration.workers import (
-    example_batch_ids, kill9, produce_synthetic, read_all, read_labels, run_until, spawn, stop, write_config,
+    example_batch_ids,
+    kill9,
+    produce_synthetic,
+    read_all,
+    read_labels,
+    run_until,
+    spawn,
+    stop,
+    write_config,
 )
 
 
 def _run_teacher(config, batches: int, timeout: float = 60) -> TeacherWorker:
     teacher = TeacherWorker(config)
     teacher.start()
-    run_until(lambda: teacher.examples_labeled > 0 and len(teacher.trained_through) and
-              sum(teacher.trained_through.values()) >= batches, [teacher.step], timeout)
+    run_until(
+        lambda: (
+            teacher.examples_labeled > 0
+            and len(teacher.trained_through)
+            and sum(teacher.trained_through.values()) >= batches
+        ),
+        [teacher.step],
+        timeout,
+    )
     return teacher
 
 
@@ -36,8 +51,10 @@ def test_one_label_batch_per_example_batch(make_config):
     assert len(examples) == produced["batches"] >= 20
     assert sorted(lb.batch_id for _, _, lb in labels) == sorted(examples)
     codec = Codec()
-    by_id = {codec.decode_examples(m.value(), m.headers()).batch_id: codec.decode_examples(m.value(), m.headers())
-             for m in read_all(config, config.topics.examples)}
+    by_id = {
+        codec.decode_examples(m.value(), m.headers()).batch_id: codec.decode_examples(m.value(), m.headers())
+        for m in read_all(config, config.topics.examples)
+    }
     for partition, _offset, lb in labels:
         src_partition, src_offset = examples[lb.batch_id]
         assert partition == src_partition == lb.source_partition  # same partition number
@@ -63,12 +80,14 @@ def test_labels_are_out_of_sample(make_config):
     opt = make_optimizer(replica, config.teacher.model)
     kinds = [t.type for t in config.tasks]
     moved = 0
-    for batch, (_, _, lb) in zip(batches, labels):
+    for batch, (_, _, lb) in zip(batches, labels, strict=False):
         cat, dense, y = batch_tensors([batch], torch.device("cpu"))
         replica.eval()
         with torch.no_grad():
             before = replica(cat, dense)[0].numpy()
-        np.testing.assert_allclose(lb.logits, before, rtol=1e-4, atol=1e-5, err_msg=f"batch {batch.batch_id} of {len(batches)}")
+        np.testing.assert_allclose(
+            lb.logits, before, rtol=1e-4, atol=1e-5, err_msg=f"batch {batch.batch_id} of {len(batches)}"
+        )
         replica.train()
         opt.zero_grad()
         torch.stack(hard_losses(replica(cat, dense)[0], y, kinds)).sum().backward()
@@ -135,7 +154,13 @@ def test_sigkill_mid_stream_leaves_no_batch_unlabelled(make_config, tmp_path):
 @pytest.mark.slow
 def test_teacher_learns_better_than_a_small_model(make_config):
     big = make_config(topics={"partitions": 2})
-    small = make_config(topics={"partitions": 2}, teacher={"name": "small", "model": {"hidden": [16], "embedding_dim": 2, "cross_layers": 0, "learning_rate": 0.005}})
+    small = make_config(
+        topics={"partitions": 2},
+        teacher={
+            "name": "small",
+            "model": {"hidden": [16], "embedding_dim": 2, "cross_layers": 0, "learning_rate": 0.005},
+        },
+    )
     # the small teacher reads the same examples: point it at the big one's topics
     small.topics.examples, small.topics.labels = big.topics.examples, small.topics.labels
     produced = produce_synthetic(big, 60_000)

@@ -27,9 +27,7 @@ def assert_state_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     torch.testing.assert_close(a["model"]["w"], b["model"]["w"], rtol=0, atol=0)
     torch.testing.assert_close(a["model"]["b"], b["model"]["b"], rtol=0, atol=0)
-    assert (
-        a["offsets"] == b["offsets"] and a["counts"] == b["counts"] and a["version"] == b["version"]
-    )
+    assert a["offsets"] == b["offsets"] and a["counts"] == b["counts"] and a["version"] == b["version"]
 
 
 def test_save_load_round_trip_with_tensors(tmp_path):
@@ -61,9 +59,7 @@ def test_keep_prunes_old_versions(tmp_path, keep):
         ck.save(v, state(v))
         assert len(ck.versions()) == min(v, keep)
     assert ck.versions() == list(range(7 - keep, 7))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ck.path(v).name for v in range(7 - keep, 7)
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ck.path(v).name for v in range(7 - keep, 7)]
 
 
 def test_versions_ignore_foreign_files(tmp_path):

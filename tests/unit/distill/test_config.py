@@ -121,8 +121,9 @@ def test_config_path_from_environment(tmp_path):
 
 
 def test_partial_model_sections_keep_the_role_defaults():
-    cfg = load_config(None, environ={"DISTILL_TEACHER__MODEL__DROPOUT": "0.1"},
-                      students=[{"name": "s", "model": {"hidden": [16]}}])
+    cfg = load_config(
+        None, environ={"DISTILL_TEACHER__MODEL__DROPOUT": "0.1"}, students=[{"name": "s", "model": {"hidden": [16]}}]
+    )
     teacher_default = Config().teacher.model
     student_default = StudentConfig(name="x").model
     assert teacher_default != student_default  # else this test proves nothing
@@ -140,7 +141,8 @@ def test_env_overrides_scalars_and_nested(tmp_path):
         "DISTILL_TEACHER__CHECKPOINT__EVERY_BATCHES": "17",
         "DISTILL_FILE__SORT_BY_TIME": "false",
         "DISTILL_PRODUCER__RATE": "1500.5",
-        "HOME": "/ignored", "KAFKA__X": "ignored too",
+        "HOME": "/ignored",
+        "KAFKA__X": "ignored too",
     }
     cfg = load_config(write(tmp_path, "c.toml", TOML), environ=env)
     assert cfg.kafka.bootstrap_servers == "broker:9093"
@@ -159,8 +161,7 @@ def test_env_json_values():
         "DISTILL_TEACHER__MODEL__HIDDEN": "[128, 64, 32]",
         "DISTILL_TASKS": json.dumps([{"name": "a"}, {"name": "b", "type": "regression"}]),
         "DISTILL_STUDENTS": json.dumps([{"name": "s1", "distill_tasks": ["b"]}]),
-        "DISTILL_KAFKA__EXTRA": json.dumps({"socket.keepalive.enable": True,
-                                            "fetch.wait.max.ms": 50}),
+        "DISTILL_KAFKA__EXTRA": json.dumps({"socket.keepalive.enable": True, "fetch.wait.max.ms": 50}),
         "DISTILL_PRODUCER__RATE": "null",
     }
     cfg = load_config(None, environ=env)

@@ -152,9 +152,7 @@ def test_windowed_binary_covers_exactly_the_last_window_examples():
         assert got["auc"] == pytest.approx(ref["auc"], abs=1e-12), (size, seen)
     # cumulative keeps everything
     assert m.count == seen
-    assert m.cumulative()["logloss"] == pytest.approx(
-        ref_binary(logits, labels)["logloss"], rel=1e-9
-    )
+    assert m.cumulative()["logloss"] == pytest.approx(ref_binary(logits, labels)["logloss"], rel=1e-9)
 
 
 def test_windowed_regression_covers_exactly_the_last_window_examples():

@@ -101,9 +101,7 @@ def test_re_export_of_a_version_replaces_it(tmp_path):
     export_serving_model(second, FEATURES, TASKS, MODEL, tmp_path, version=7)
     cat, dense = inputs(10, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(
-            load_serving_model(tmp_path, 7)(cat, dense), second(cat, dense)[0]
-        )
+        torch.testing.assert_close(load_serving_model(tmp_path, 7)(cat, dense), second(cat, dense)[0])
 
 
 def test_missing_version_is_an_error(tmp_path):

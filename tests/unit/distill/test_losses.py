@@ -51,9 +51,7 @@ def test_task_loss_regression_is_mse():
     out = [1.0, -2.0, 0.5]
     target = [0.0, 1.0, 0.5]
     expected = (1.0 + 9.0 + 0.0) / 3
-    assert float(task_loss(torch.tensor(out), torch.tensor(target), "regression")) == pytest.approx(
-        expected
-    )
+    assert float(task_loss(torch.tensor(out), torch.tensor(target), "regression")) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("t", [1.0, 2.0, 4.0, 0.5])
@@ -103,9 +101,7 @@ def hard_sum(main, labels) -> float:
 def test_none_mode_ignores_the_teacher():
     main, aux, labels, teacher = data()
     total_a, parts_a = student_loss("none", main, aux, labels, teacher, KINDS, [0, 1, 2], 0.7, 2.0)
-    total_b, parts_b = student_loss(
-        "none", main, aux, labels, teacher * 10 + 3, KINDS, [0, 1, 2], 0.7, 2.0
-    )
+    total_b, parts_b = student_loss("none", main, aux, labels, teacher * 10 + 3, KINDS, [0, 1, 2], 0.7, 2.0)
     total_c, _ = student_loss("none", main, aux, labels, None, KINDS, [0, 1, 2], 0.7, 2.0)
     assert float(total_a) == pytest.approx(hard_sum(main, labels), rel=1e-6)
     assert float(total_a) == float(total_b) == float(total_c)
@@ -119,9 +115,7 @@ def test_no_teacher_falls_back_to_hard_loss_in_every_mode(mode):
     assert float(total) == pytest.approx(hard_sum(main, labels), rel=1e-6)
     assert set(parts) == {"0.main", "1.main", "2.main"}
     for i, k in enumerate(KINDS):
-        assert float(parts[f"{i}.main"]) == pytest.approx(
-            float(task_loss(main[:, i], labels[:, i], k))
-        )
+        assert float(parts[f"{i}.main"]) == pytest.approx(float(task_loss(main[:, i], labels[:, i], k)))
 
 
 def test_aux_mode_without_teacher_does_not_need_aux_heads():
@@ -141,9 +135,7 @@ def test_direct_with_weight_zero_equals_hard():
 def test_direct_with_weight_one_equals_soft_for_distilled_tasks(temperature):
     main, aux, labels, teacher = data()
     distilled = [0, 1]  # task 2 is not distilled: stays on its hard label
-    total, parts = student_loss(
-        "direct", main, aux, labels, teacher, KINDS, distilled, 1.0, temperature
-    )
+    total, parts = student_loss("direct", main, aux, labels, teacher, KINDS, distilled, 1.0, temperature)
     expected = (
         float(soft_loss(main[:, 0], teacher[:, 0], "binary", temperature))
         + float(soft_loss(main[:, 1], teacher[:, 1], "regression", temperature))
@@ -151,9 +143,7 @@ def test_direct_with_weight_one_equals_soft_for_distilled_tasks(temperature):
     )
     assert float(total) == pytest.approx(expected, rel=1e-6)
     assert "2.soft" not in parts
-    assert float(parts["0.soft"]) == pytest.approx(
-        float(soft_loss(main[:, 0], teacher[:, 0], "binary", temperature))
-    )
+    assert float(parts["0.soft"]) == pytest.approx(float(soft_loss(main[:, 0], teacher[:, 0], "binary", temperature)))
 
 
 def test_direct_mixes_hard_and_soft_linearly():
@@ -161,10 +151,7 @@ def test_direct_mixes_hard_and_soft_linearly():
     w = 0.3
     total, parts = student_loss("direct", main, aux, labels, teacher, KINDS, [2], w, 1.0)
     expected = (
-        float(parts["0.main"])
-        + float(parts["1.main"])
-        + (1 - w) * float(parts["2.main"])
-        + w * float(parts["2.soft"])
+        float(parts["0.main"]) + float(parts["1.main"]) + (1 - w) * float(parts["2.main"]) + w * float(parts["2.soft"])
     )
     assert float(total) == pytest.approx(expected, rel=1e-6)
 
@@ -179,12 +166,8 @@ def test_aux_mode_adds_weighted_soft_loss_of_the_aux_head_only(w):
         soft_loss(aux[:, 1], teacher[:, 1], "regression", t)
     )
     assert float(total) == pytest.approx(hard_sum(main, labels) + w * soft, rel=1e-6)
-    assert float(parts["2.aux"]) == pytest.approx(
-        float(soft_loss(aux[:, 0], teacher[:, 2], "binary", t))
-    )
-    assert float(parts["1.aux"]) == pytest.approx(
-        float(soft_loss(aux[:, 1], teacher[:, 1], "regression", t))
-    )
+    assert float(parts["2.aux"]) == pytest.approx(float(soft_loss(aux[:, 0], teacher[:, 2], "binary", t)))
+    assert float(parts["1.aux"]) == pytest.approx(float(soft_loss(aux[:, 1], teacher[:, 1], "regression", t)))
     assert "0.aux" not in parts and not any(k.endswith(".soft") for k in parts)
     # the teacher never reaches the main outputs' loss terms
     _, other = student_loss("aux", main, aux, labels, teacher + 5.0, KINDS, distilled, w, t)

@@ -63,14 +63,10 @@ def test_output_shapes_with_and_without_aux_heads():
 
 def test_default_config_model_runs_on_a_wire_batch(make_batch):
     cfg = Config()
-    model = RankingModel(
-        cfg.features, cfg.tasks, cfg.students[0].model, aux_tasks=[t.name for t in cfg.tasks]
-    )
+    model = RankingModel(cfg.features, cfg.tasks, cfg.students[0].model, aux_tasks=[t.name for t in cfg.tasks])
     cat, dense, labels = batch_tensors([make_batch(12)], torch.device("cpu"))
     main, aux = model(cat, dense)
-    assert (
-        main.shape == (12, len(cfg.tasks)) and aux is not None and aux.shape == (12, len(cfg.tasks))
-    )
+    assert main.shape == (12, len(cfg.tasks)) and aux is not None and aux.shape == (12, len(cfg.tasks))
     assert labels.shape == (12, len(cfg.tasks))
     assert torch.isfinite(main).all() and torch.isfinite(aux).all()
 
@@ -119,9 +115,7 @@ def test_same_id_same_embedding_and_huge_ids_are_deterministic():
 
 def test_param_count_and_serving_only_excludes_aux_head():
     # in_dim = 2 * 4 + 3 = 11
-    model = small_model(
-        aux=("click", "watch"), cross=1, hidden=(8,), emb=4, buckets=(7, 11), dense=3
-    )
+    model = small_model(aux=("click", "watch"), cross=1, hidden=(8,), emb=4, buckets=(7, 11), dense=3)
     tables = (7 + 11) * 4
     layer_norm = 3 + 3
     cross = 11 * 11 + 11
@@ -132,11 +126,7 @@ def test_param_count_and_serving_only_excludes_aux_head():
     assert model.param_count(serving_only=True) == tables + layer_norm + cross + tower + head
 
     no_aux = small_model(aux=None, cross=1, hidden=(8,), emb=4)
-    assert (
-        no_aux.param_count()
-        == no_aux.param_count(serving_only=True)
-        == model.param_count(serving_only=True)
-    )
+    assert no_aux.param_count() == no_aux.param_count(serving_only=True) == model.param_count(serving_only=True)
 
 
 def test_flops_per_example_matches_a_hand_count():
@@ -160,9 +150,7 @@ def test_model_without_dense_features():
 def _batch(n: int, seq: int, k: int = 2, d: int = 3, t: int = 2) -> ExampleBatch:
     rng = np.random.default_rng(seq)
     # read-only views, as the wire codec hands them over (np.frombuffer)
-    cat = np.frombuffer(
-        rng.integers(-(2**62), 2**62, (n, k)).astype("<i8").tobytes(), "<i8"
-    ).reshape(n, k)
+    cat = np.frombuffer(rng.integers(-(2**62), 2**62, (n, k)).astype("<i8").tobytes(), "<i8").reshape(n, k)
     dense = np.frombuffer(rng.standard_normal((n, d)).astype("<f4").tobytes(), "<f4").reshape(n, d)
     labels = np.frombuffer(rng.random((n, t)).astype("<f4").tobytes(), "<f4").reshape(n, t)
     return ExampleBatch(

@@ -21,8 +21,7 @@ from distill.sweep import load_candidates, sweep_batches, write_outputs
 
 
 class FakeArm:
-    def __init__(self, name: str, loss: float, gflop: float = 1.0,
-                 clock: list[float] | None = None):
+    def __init__(self, name: str, loss: float, gflop: float = 1.0, clock: list[float] | None = None):
         self.name, self.loss, self.gflop, self.clock = name, loss, gflop, clock
         self.steps: list[int] = []
         self.slices = 0
@@ -135,8 +134,9 @@ def test_examples_budget_is_never_exceeded_and_live_arms_stay_comparable():
 
 
 def test_a_budget_too_small_for_one_row_scores_nobody():
-    out = successive_halving(_arms({"a": 0.5, "b": 0.4}), FakeArm("none", 0.6), SIZES,
-                             plan_rungs(SIZES, 2), Budget(examples=150))
+    out = successive_halving(
+        _arms({"a": 0.5, "b": 0.4}), FakeArm("none", 0.6), SIZES, plan_rungs(SIZES, 2), Budget(examples=150)
+    )
     assert all(r.examples == 0 and r.reached == -1 for r in out.results.values())
 
 
@@ -154,8 +154,7 @@ def test_seconds_budget_stops_before_a_step_that_would_overrun():
 def test_objective_gain_per_gflop_prefers_the_cheaper_teacher():
     def run(objective):
         arms = [FakeArm("big", 0.40, gflop=10.0), FakeArm("small", 0.45, gflop=1.0)]
-        return successive_halving(arms, FakeArm("none", 0.5), SIZES, plan_rungs(SIZES, 2),
-                                  Budget(), objective).ranking
+        return successive_halving(arms, FakeArm("none", 0.5), SIZES, plan_rungs(SIZES, 2), Budget(), objective).ranking
 
     assert run("gain") == ["big", "small"]
     assert run("gain-per-gflop") == ["small", "big"]  # 0.05 / 1 beats 0.10 / 10
@@ -179,7 +178,10 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 def test_candidates_merge_over_the_teacher_model_and_a_grid_expands(tmp_path):
     base = Config().teacher.model
-    path = _write(tmp_path, "c.toml", """
+    path = _write(
+        tmp_path,
+        "c.toml",
+        """
 [[candidates]]
 name = "tiny"
 model = { hidden = [8], embedding_dim = 2, cross_layers = 0 }
@@ -190,33 +192,49 @@ name = "default"
 [grid]
 hidden = [[64], [128, 64]]
 learning_rate = [0.01, 0.003]
-""")
+""",
+    )
     cands = load_candidates(path, base)
     assert [c.name for c in cands] == [
-        "tiny", "default", "hidden=64,learning_rate=0.01", "hidden=64,learning_rate=0.003",
-        "hidden=128x64,learning_rate=0.01", "hidden=128x64,learning_rate=0.003"]
+        "tiny",
+        "default",
+        "hidden=64,learning_rate=0.01",
+        "hidden=64,learning_rate=0.003",
+        "hidden=128x64,learning_rate=0.01",
+        "hidden=128x64,learning_rate=0.003",
+    ]
     assert cands[0].model.hidden == [8] and cands[0].model.learning_rate == base.learning_rate
     assert cands[1].model == base
     assert cands[5].model.hidden == [128, 64] and cands[5].model.embedding_dim == base.embedding_dim
-    yaml_path = _write(tmp_path, "c.yaml",
-                       "candidates:\n  - name: wide\n    model: {hidden: [1024]}\n")
+    yaml_path = _write(tmp_path, "c.yaml", "candidates:\n  - name: wide\n    model: {hidden: [1024]}\n")
     assert load_candidates(yaml_path, base)[0].model.hidden == [1024]
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[[candidates]]\nname = "tiny"\nmodel = { hiden = [8] }\n',
-     r"candidates\[0\] \('tiny'\)\.model\.hiden: unknown field; a teacher model takes embed"),
-    ('[[candidates]]\nname = "a"\nmodel = { hidden = [0] }\n',
-     r"candidates\[0\] \('a'\)\.model\.hidden: .*positive integer"),
-    ('[[candidates]]\nname = "a"\nhidden = [8]\n',
-     r"candidates\.0\.hidden: unknown key; a candidate has a `name` and a `model` table"),
-    ('[[candidates]]\nname = "a"\n[[candidates]]\nname = "a"\n',
-     r"candidates\[1\] \('a'\): the name 'a' is taken by candidates\[0\]"),
-    ('[[candidates]]\nname = "n"\nmodel = { kind = "null" }\n', r"a 'null' teacher learns nothing"),
-    ('[grid]\nhiden = [[8]]\n', r"grid\.hiden: not a teacher model field"),
-    ('candidates = []\n', r"no candidates: add \[\[candidates\]\]"),
-    ('title = "x"\n', r"title: unknown key; allowed: candidates, grid"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '[[candidates]]\nname = "tiny"\nmodel = { hiden = [8] }\n',
+            r"candidates\[0\] \('tiny'\)\.model\.hiden: unknown field; a teacher model takes embed",
+        ),
+        (
+            '[[candidates]]\nname = "a"\nmodel = { hidden = [0] }\n',
+            r"candidates\[0\] \('a'\)\.model\.hidden: .*positive integer",
+        ),
+        (
+            '[[candidates]]\nname = "a"\nhidden = [8]\n',
+            r"candidates\.0\.hidden: unknown key; a candidate has a `name` and a `model` table",
+        ),
+        (
+            '[[candidates]]\nname = "a"\n[[candidates]]\nname = "a"\n',
+            r"candidates\[1\] \('a'\): the name 'a' is taken by candidates\[0\]",
+        ),
+        ('[[candidates]]\nname = "n"\nmodel = { kind = "null" }\n', r"a 'null' teacher learns nothing"),
+        ("[grid]\nhiden = [[8]]\n", r"grid\.hiden: not a teacher model field"),
+        ("candidates = []\n", r"no candidates: add \[\[candidates\]\]"),
+        ('title = "x"\n', r"title: unknown key; allowed: candidates, grid"),
+    ],
+)
 def test_bad_candidates_name_the_field(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_candidates(_write(tmp_path, "c.toml", text), Config().teacher.model)
@@ -228,17 +246,17 @@ def test_cli_reports_a_bad_candidates_file_before_touching_kafka(tmp_path):
     result = CliRunner().invoke(app, ["sweep", "--config", str(cfg), "--candidates", str(bad)])
     assert result.exit_code == 2
     assert "candidates[0] ('tiny').model.hiden: unknown field" in result.output
-    missing = CliRunner().invoke(app, ["sweep", "--config", str(cfg), "--candidates",
-                                       str(tmp_path / "nope.toml")])
+    missing = CliRunner().invoke(app, ["sweep", "--config", str(cfg), "--candidates", str(tmp_path / "nope.toml")])
     assert missing.exit_code == 2 and "does not exist; pass one with --candidates" in missing.output
     good = _write(tmp_path, "g.toml", '[[candidates]]\nname = "default"\n')
-    for flags, message in ((["--warmup", "1.5"], "--warmup 1.5: give the share"),
-                           (["--objective", "auc"], "--objective 'auc': use one of gain"),
-                           (["--task", "like"], "--task 'like' is not a configured task"),
-                           (["--budget-examples", "0"], "--budget-examples must be a positive"),
-                           (["--from-time", "soon"], "--from-time 'soon': use ISO 8601")):
-        result = CliRunner().invoke(app, ["sweep", "--config", str(cfg), "--candidates", str(good),
-                                          *flags])
+    for flags, message in (
+        (["--warmup", "1.5"], "--warmup 1.5: give the share"),
+        (["--objective", "auc"], "--objective 'auc': use one of gain"),
+        (["--task", "like"], "--task 'like' is not a configured task"),
+        (["--budget-examples", "0"], "--budget-examples must be a positive"),
+        (["--from-time", "soon"], "--from-time 'soon': use ISO 8601"),
+    ):
+        result = CliRunner().invoke(app, ["sweep", "--config", str(cfg), "--candidates", str(good), *flags])
         assert result.exit_code == 2 and message in result.output, (flags, result.output)
 
 
@@ -274,21 +292,34 @@ def test_partitions_merge_by_earliest_event_keeping_each_partition_in_order(make
     b = [make_batch(4, seq=s, producer_id="other") for s in (1, 2, 3)]
     merged = merge_in_event_order({1: b, 0: a})
     assert [x.batch_id for x in merged] == [
-        "test-producer-0", "other-1", "test-producer-2", "other-2", "other-3", "test-producer-5"]
+        "test-producer-0",
+        "other-1",
+        "test-producer-2",
+        "other-2",
+        "other-3",
+        "test-producer-5",
+    ]
 
 
 # -- the real learners, in memory ---------------------------------------------------------------
 
 
 def test_sweep_in_memory_reports_costs_and_writes_a_loadable_winner(tmp_path, make_batch):
-    base_file = _write(tmp_path, "base.toml",
-                       "[teacher.model]\nhidden = [16]\nembedding_dim = 4\ncross_layers = 0\n")
-    config = load_config(base_file, environ={}, students=[
-        {"name": "aux", "mode": "aux", "model": {"hidden": [8], "embedding_dim": 2}}])
-    cands = load_candidates(_write(tmp_path, "c.toml", """
+    base_file = _write(tmp_path, "base.toml", "[teacher.model]\nhidden = [16]\nembedding_dim = 4\ncross_layers = 0\n")
+    config = load_config(
+        base_file, environ={}, students=[{"name": "aux", "mode": "aux", "model": {"hidden": [8], "embedding_dim": 2}}]
+    )
+    cands = load_candidates(
+        _write(
+            tmp_path,
+            "c.toml",
+            """
 [grid]
 hidden = [[8], [16], [32]]
-"""), config.teacher.model)
+""",
+        ),
+        config.teacher.model,
+    )
     batches = [make_batch(64, seq=s) for s in range(24)]
     budget = Budget(examples=3_000)
     report = sweep_batches(config, cands, batches, budget, warmup=0.25, device="cpu")

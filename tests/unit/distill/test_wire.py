@@ -108,16 +108,29 @@ def test_labels_round_trip(codec, n):
     labels = make_labels(n=n)
     decoded = codec.decode_labels(*codec.encode_labels(labels))
     assert decoded.size == n
-    for name in ("batch_id", "example_ids_checksum", "source_partition", "source_offset",
-                 "teacher_version", "watermark", "task_names", "produced_at_ms"):
+    for name in (
+        "batch_id",
+        "example_ids_checksum",
+        "source_partition",
+        "source_offset",
+        "teacher_version",
+        "watermark",
+        "task_names",
+        "produced_at_ms",
+    ):
         assert getattr(decoded, name) == getattr(labels, name), name
     np.testing.assert_array_equal(decoded.logits, labels.logits)
 
 
 def test_dead_letter_round_trip(codec):
     record = {
-        "reason": "undecodable", "error": "boom", "source_topic": "examples",
-        "source_partition": 3, "source_offset": 99, "worker": "teacher/t0", "failed_at_ms": 1,
+        "reason": "undecodable",
+        "error": "boom",
+        "source_topic": "examples",
+        "source_partition": 3,
+        "source_offset": 99,
+        "worker": "teacher/t0",
+        "failed_at_ms": 1,
         "original_headers": [{"key": "a", "value": b"1"}, {"key": "b", "value": None}],
         "payload": b"\x00\xffraw",
     }
@@ -212,8 +225,7 @@ def test_random_bytes_never_escape_as_another_error(codec, make_batch, seed):
     assert err.value.reason in ("undecodable", "bad_column", "non_finite")
 
 
-@pytest.mark.parametrize("column", ["event_time_ms", "example_ids", "categorical", "dense",
-                                    "labels", "truth"])
+@pytest.mark.parametrize("column", ["event_time_ms", "example_ids", "categorical", "dense", "labels", "truth"])
 def test_wrong_column_length_names_the_column(codec, make_batch, column):
     batch = make_batch(n=6)
     record = examples_record(batch)

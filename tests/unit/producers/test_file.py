@@ -81,24 +81,17 @@ def test_defaults_without_id_time_or_user(csv_file):
 def test_iso_and_millisecond_times_and_tsv(tmp_path):
     iso = tmp_path / "iso.tsv"
     iso.write_text("when\tshop\ty\n2024-01-01T00:00:01\t7\t1\n2024-01-01 00:00:00.500\t8\t0\n")
-    src = FileSource(
-        FileSourceConfig(path=iso, event_time="when", categorical=["shop"], labels={"y": "y"})
-    )
+    src = FileSource(FileSourceConfig(path=iso, event_time="when", categorical=["shop"], labels={"y": "y"}))
     base = 1_704_067_200_000
     assert src.event_time_ms.tolist() == [base + 500, base + 1000]
     assert src.categorical[:, 0].tolist() == [8, 7]  # integer ids stay as they are
     ms = tmp_path / "ms.csv"
     ms.write_text("t,y\n1700000000123,1\n")
-    assert (
-        FileSource(FileSourceConfig(path=ms, event_time="t", labels={"y": "y"})).event_time_ms[0]
-        == 1700000000123
-    )
+    assert FileSource(FileSourceConfig(path=ms, event_time="t", labels={"y": "y"})).event_time_ms[0] == 1700000000123
 
 
 def test_bad_mapping_names_the_column_and_key(csv_file):
-    with pytest.raises(
-        ConfigError, match=r"column 'prize' \(file\.dense\) is not in .*events\.csv.*'price'"
-    ):
+    with pytest.raises(ConfigError, match=r"column 'prize' \(file\.dense\) is not in .*events\.csv.*'price'"):
         FileSource(mapping(csv_file, dense=["prize"]))
     with pytest.raises(ConfigError, match=r"column 'click' \(file\.labels\.click\) is not in"):
         FileSource(mapping(csv_file, labels={"click": "click", "dwell": "dwell"}))
@@ -135,9 +128,7 @@ def test_config_must_describe_the_file(csv_file):
         file=mapping(csv_file).model_dump(mode="json"),
         tasks=[{"name": "click"}, {"name": "dwell", "type": "regression"}],
     )
-    with pytest.raises(
-        ConfigError, match=r"features\.categorical is \['user_id', 'item_id', 'item_group'\]"
-    ):
+    with pytest.raises(ConfigError, match=r"features\.categorical is \['user_id', 'item_id', 'item_group'\]"):
         check_columns(cfg, make_source(cfg, "file"))
     cfg = load_config(
         None,
@@ -157,9 +148,7 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
     path.write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(
-        ConfigError, match=r"needs pyarrow; install it with: pip install 'pyarrow>=14'"
-    ):
+    with pytest.raises(ConfigError, match=r"needs pyarrow; install it with: pip install 'pyarrow>=14'"):
         FileSource(FileSourceConfig(path=path, labels={"y": "y"}))
 
 

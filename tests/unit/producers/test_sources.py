@@ -28,8 +28,7 @@ def test_preset_fills_only_what_the_file_does_not_set(tmp_path):
     assert cfg.topics.partitions == 8
     path = tmp_path / "c.toml"
     path.write_text(
-        '[[tasks]]\nname = "like"\n[[tasks]]\nname = "rating"\ntype = "regression"\n'
-        "[topics]\npartitions = 3\n"
+        '[[tasks]]\nname = "like"\n[[tasks]]\nname = "rating"\ntype = "regression"\n[topics]\npartitions = 3\n'
     )
     cfg = load_config_for("movielens", path)
     assert [t.name for t in cfg.tasks] == ["like", "rating"]

@@ -44,9 +44,7 @@ def test_dense_columns_follow_dense_dim():
 
 
 def test_same_seed_same_stream_whatever_the_chunking():
-    cfg = SyntheticConfig(
-        examples=5000, popularity_shift_every=700, new_items_every=900, concept_change_every=1100
-    )
+    cfg = SyntheticConfig(examples=5000, popularity_shift_every=700, new_items_every=900, concept_change_every=1100)
     a, b = stream(cfg, size=4096), stream(cfg, size=333)
     for field in (
         "positions",

@@ -36,7 +36,9 @@ def label_for(batch: ExampleBatch, source_offset: int, version: int = 1) -> Labe
 
 def new_join(next_offset: int = 0, max_pending: int = 8, label_wait_s: float | None = None) -> PartitionJoin:
     return PartitionJoin(
-        partition=0, next_offset=next_offset, label_wait_s=WAIT if label_wait_s is None else label_wait_s,
+        partition=0,
+        next_offset=next_offset,
+        label_wait_s=WAIT if label_wait_s is None else label_wait_s,
         max_pending=max_pending,
     )
 
