@@ -133,10 +133,15 @@ def test_sigkill_mid_stream_leaves_no_batch_unlabelled(make_config, tmp_path):
         kill9(proc)
     proc = spawn(["teacher", "--config", str(path)], log)
     examples = example_batch_ids(config)
+    # Done when every batch has a label and the restarted teacher has replayed its way from
+    # its checkpoint to the end (labels of killed runs are visible before that).
+    progress = config.progress_dir() / "teacher-teacher.jsonl"
     deadline = time.monotonic() + 90
-    while True:
+    while time.monotonic() < deadline:
         labelled = {lb.batch_id for _, _, lb in read_labels(config)}
-        if labelled >= set(examples) or time.monotonic() > deadline:
+        lines = progress.read_text().splitlines() if progress.exists() else []
+        trained = json.loads(lines[-1])["examples_trained"] if lines else 0
+        if labelled >= set(examples) and trained >= produced["examples"]:
             break
         time.sleep(0.5)
     assert stop(proc) == 0, log.read_text()[-3000:]
