@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from distill.config import Config, load_config
-from distill.exceptions import DistillError
+from distill.exceptions import ConfigError, DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous knowledge distillation over Kafka.")
 
@@ -144,7 +144,8 @@ def produce(
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     examples: Annotated[
-        Optional[int], typer.Option("--examples", help="Stop after N examples (producer.max_examples).")
+        Optional[int],
+        typer.Option("--examples", "--max-examples", help="Stop after N examples this run (producer.max_examples)."),
     ] = None,
     rate: Annotated[Optional[float], typer.Option(help="Examples per second (producer.rate).")] = None,
     speedup: Annotated[
@@ -153,28 +154,54 @@ def produce(
     position_file: Annotated[
         Optional[Path], typer.Option(help="Resume a replay from here (producer.position_file).")
     ] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per message (producer.batch_size).")] = None,
+    linger_ms: Annotated[Optional[float], typer.Option(help="Send a partial batch after this long.")] = None,
+    partitioner: Annotated[Optional[str], typer.Option(help="user or round_robin (producer.partitioner).")] = None,
+    producer_id: Annotated[Optional[str], typer.Option(help="Prefix of the batch ids (producer.producer_id).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz.")] = None,
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="movielens only: the ml-100k folder, if not the recbole wheel's.")
+    ] = None,
+    preset: Annotated[
+        bool, typer.Option(help="Use the source's features and tasks preset unless the config sets them.")
+    ] = True,
     hold: Annotated[bool, typer.Option(help="At the end of the data keep serving /metrics until SIGTERM.")] = False,
 ) -> None:
-    """Run a producer service: stream a source into the examples topic."""
+    """Run a producer service: stream a source into the examples topic. Prints the counts as
+    one JSON line when it stops."""
+    import json
+
     from distill.progress import ProgressLog
     from producers.service import run_producer
-    from producers.sources import load_config_for
+    from producers.sources import SOURCES, load_config_for
 
+    if source not in SOURCES:
+        _fail(ConfigError(f"unknown source {source!r}; choose one of {list(SOURCES)}"))
+    overrides = {"kafka": {"bootstrap_servers": bootstrap}} if bootstrap else {}
     try:
-        cfg = load_config_for(source, config, **({"kafka": {"bootstrap_servers": bootstrap}} if bootstrap else {}))
-        if metrics_port is not None:
-            cfg.producer.metrics_port = metrics_port
-        _configure("producer", cfg.producer.producer_id)
+        cfg = load_config_for(source, config, **overrides) if preset else load_config(config, **overrides)
+        _configure("producer", producer_id or cfg.producer.producer_id)
         result = run_producer(
-            cfg, source, max_examples=examples, rate=rate, speedup=speedup, position_file=position_file
+            cfg,
+            source,
+            source_options={"data_dir": data_dir} if data_dir is not None else None,
+            max_examples=examples,
+            rate=rate,
+            speedup=speedup,
+            position_file=position_file,
+            batch_size=batch_size,
+            linger_ms=linger_ms,
+            partitioner=partitioner,
+            producer_id=producer_id,
+            metrics_port=metrics_port,
         )
     except DistillError as exc:
         _fail(exc)
-    ProgressLog(cfg.progress_dir(), "producer", cfg.producer.producer_id).write_summary(result)
-    typer.echo(f"produced {result['examples']:,} examples in {result['batches']:,} batches ({result['stopped']})")
+    ProgressLog(cfg.progress_dir(), "producer", result["producer_id"]).write_summary(result)
+    typer.echo(json.dumps(result))
     if hold and result["stopped"] != "signal":
-        _hold(cfg.producer.producer_id, cfg.producer.metrics_port)
+        port = metrics_port if metrics_port is not None else cfg.producer.metrics_port
+        _hold(result["producer_id"], port)
 
 
 def _hold(worker: str, port: int) -> None:

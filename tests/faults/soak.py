@@ -137,10 +137,10 @@ def main() -> int:
 
 
 def metric_from_log(producer: Worker) -> int:
-    """The producer prints 'produced N examples ...' when it stops."""
+    """The producer prints its counts as one JSON line when it stops."""
     for line in reversed(producer.log.read_text().splitlines()):
-        if line.startswith("produced "):
-            return int(line.split()[1].replace(",", ""))
+        if line.startswith("{") and '"examples"' in line:
+            return int(json.loads(line)["examples"])
     raise SystemExit(f"the producer did not report its count: {producer.tail(800)}")
 
 
