@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -251,3 +252,25 @@ def consume_available(consumer: Consumer, max_messages: int, timeout: float) -> 
     if msgs and max_messages > 1:
         msgs += consumer.consume(max_messages - 1, 0)
     return msgs
+
+
+class BrokerProbe:
+    """Readiness while idle: a metadata request every ``every_s`` seconds, bounded by
+    ``timeout_s``. A stalled broker keeps its TCP connections open, so librdkafka reports no
+    error for a long time; this notices within a few seconds."""
+
+    def __init__(self, every_s: float = 2.0, timeout_s: float = 1.0):
+        self.every_s, self.timeout_s = every_s, timeout_s
+        self._last = float("-inf")
+        self.reachable = True
+
+    def check(self, client: Consumer) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            try:
+                client.list_topics(timeout=self.timeout_s)
+                self.reachable = True
+            except KafkaException:
+                self.reachable = False
+        return self.reachable

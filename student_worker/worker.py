@@ -27,6 +27,7 @@ from distill.evaluation import ProgressiveEvaluator
 from distill.exceptions import DecodeError
 from distill.export import export_serving_model
 from distill.kafka import (
+    BrokerProbe,
     Clients,
     broker_down,
     check_partitions,
@@ -102,6 +103,7 @@ class StudentWorker:
         self.teacher_seen_at = float("-inf")  # when any label last arrived
         self.busy_s = 0.0
         self._throughput = m.Throughput()
+        self.probe = BrokerProbe()
         for counter in [m.STUDENT_NAN.labels(name), m.STUDENT_CKPT_FAILURES.labels(name)] + [
             m.STUDENT_JOIN.labels(name, o) for o in ("joined", "missing", "late", "duplicate")
         ]:
@@ -280,6 +282,10 @@ class StudentWorker:
                 self._on_label(msg, join, now)
         if msgs:
             self.service.set_ready(bool(self.joins), "assigned")
+        elif not self.probe.check(self.consumer):
+            self.service.set_ready(False, "broker unreachable (metadata request timed out)")
+        else:
+            self.service.set_ready(bool(self.joins), "assigned" if self.joins else "no partitions assigned")
         started = time.perf_counter()
         trained = 0
         for join in self.joins.values():

@@ -30,6 +30,7 @@ from distill.dead_letters import DeadLetters
 from distill.evaluation import ProgressiveEvaluator
 from distill.exceptions import DecodeError
 from distill.kafka import (
+    BrokerProbe,
     Clients,
     broker_down,
     consume_available,
@@ -87,6 +88,7 @@ class TeacherWorker:
         self.assigned: set[int] = set()
         self.busy_s = 0.0
         self._throughput = m.Throughput()
+        self.probe = BrokerProbe()
         for counter in (
             m.TEACHER_NAN.labels(self.name),
             m.TEACHER_TRANSACTIONS.labels(self.name, "commit"),
@@ -318,6 +320,10 @@ class TeacherWorker:
                 log.warning("seek after abort failed", extra={"error": str(exc)})
 
     def _idle(self) -> None:
+        if not self.probe.check(self.consumer):
+            self.service.set_ready(False, "broker unreachable (metadata request timed out)")
+        else:
+            self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions assigned")
         if self._checkpoint_due():
             self.checkpoint()
         if self.progress.due():
