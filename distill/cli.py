@@ -96,23 +96,45 @@ def _configure(role: str, name: str) -> None:
 def teacher(
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
+    role: Annotated[
+        Optional[str],
+        typer.Option(
+            help="both: label and train in one process (teacher.role, default). At scale: trainer "
+            "(under torchrun for several GPUs) and any number of labeler processes."
+        ),
+    ] = None,
+    name: Annotated[
+        Optional[str], typer.Option(help="This worker's name (teacher.name); unique per labeler, e.g. the pod name.")
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (teacher.device).")] = None,
     metrics_port: Annotated[
         Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz (teacher.metrics_port).")
     ] = None,
 ) -> None:
-    """Run the teacher: predict, publish labels, train, checkpoint; until SIGTERM."""
+    """Run the teacher until SIGTERM: label and train (role both), train and publish checkpoints
+    (role trainer), or label with the newest out-of-sample checkpoint (role labeler)."""
     over: dict = {"teacher": {}}
-    if device:
-        over["teacher"]["device"] = device
+    for key, value in (("role", role), ("name", name), ("device", device)):
+        if value:
+            over["teacher"][key] = value
     if metrics_port is not None:
         over["teacher"]["metrics_port"] = metrics_port
     try:
         cfg = _load(config, bootstrap, **over)
-        _configure("teacher", cfg.teacher.name)
-        from teacher_worker.worker import run_teacher
+        if cfg.teacher.role == "trainer":
+            from teacher_worker.trainer import run_trainer
 
-        run_teacher(cfg)
+            run_trainer(cfg)  # configures logging itself: it knows its rank
+            return
+        _configure("teacher", cfg.teacher.name)
+        if cfg.teacher.role == "labeler":
+            from teacher_worker.labeler import run_labeler
+
+            run_labeler(cfg)
+        else:
+            from teacher_worker.worker import run_teacher
+
+            run_teacher(cfg)
     except DistillError as exc:
         _fail(exc)
 

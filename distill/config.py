@@ -26,6 +26,7 @@ Device = Literal["auto", "cpu", "cuda"]
 NonFinitePolicy = Literal["reject", "zero", "allow"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 Partitioner = Literal["user", "round_robin"]
+TeacherRole = Literal["both", "trainer", "labeler"]
 
 ENV_PREFIX = "DISTILL_"
 # DISTILL_* variables that are not config fields.
@@ -60,6 +61,8 @@ class TopicsConfig(_Strict):
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=-1)
+    # Checkpoint announcements of the trainer, read by the labelers (teacher.role trainer/labeler).
+    checkpoints: str = "teacher.checkpoints"
 
     def dlq(self, topic: str) -> str:
         return f"{topic}.dlq"
@@ -140,8 +143,30 @@ def _over(defaults: dict[str, Any], value: Any) -> Any:
     return {**defaults, **value} if isinstance(value, dict) else value
 
 
+class TeacherPoolConfig(_Strict):
+    """The teacher at scale: one trainer (torchrun ranks) and a pool of labelers."""
+
+    # Published weights (no optimizer state): a directory, or a volume every labeler mounts.
+    # None: <state_dir>/model-store.
+    model_store: Path | None = None
+    publish_every_batches: int = Field(default=200, ge=1)
+    publish_every_seconds: float = Field(default=10.0, gt=0)
+    # The trainer pauses while its newest checkpoint is this many versions ahead of the oldest
+    # one a labeler may still need, so an out-of-sample checkpoint always exists in the store.
+    max_lead_versions: int = Field(default=16, ge=1)
+    lead_check_seconds: float = Field(default=1.0, gt=0)
+    # Checkpoints a labeler holds in memory; older ones are read back from the store if needed.
+    keep_in_memory: int = Field(default=4, ge=1)
+    labeler_group_id: str = "teacher.labelers"
+    # torch.distributed backend of the trainer's ranks; auto: nccl on CUDA, gloo on CPU.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
 class TeacherConfig(_Strict):
-    name: str = "teacher"
+    name: str = Field(default="teacher", pattern=r"^[A-Za-z0-9_.-]+$")
+    # both: one process labels and trains (the small setup). trainer / labeler: the pool.
+    role: TeacherRole = "both"
+    pool: TeacherPoolConfig = Field(default_factory=TeacherPoolConfig)
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(**_TEACHER_MODEL))
     device: Device = "auto"
     group_id: str = "teacher"
@@ -269,8 +294,8 @@ class Config(_Strict):
             unknown = set(s.distill_tasks or []) - set(names)
             if unknown:
                 raise ValueError(f"students.{s.name}.distill_tasks: unknown tasks {sorted(unknown)}; allowed: {names}")
-        if self.topics.examples == self.topics.labels:
-            raise ValueError("topics: examples and labels must be different topics")
+        if len({self.topics.examples, self.topics.labels, self.topics.checkpoints}) != 3:
+            raise ValueError("topics: examples, labels and checkpoints must be three different topics")
         return self
 
     def student(self, name: str) -> StudentConfig:
@@ -287,6 +312,9 @@ class Config(_Strict):
 
     def progress_dir(self) -> Path:
         return self.state_dir / "progress"
+
+    def model_store(self) -> Path:
+        return self.teacher.pool.model_store or self.state_dir / "model-store"
 
     def model_dir(self, student: str) -> Path:
         return self.state_dir / "models" / student

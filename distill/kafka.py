@@ -153,11 +153,13 @@ def partition_count(admin: AdminClient, topic: str, timeout: float = 10.0) -> in
 
 
 def ensure_topics(config: Config, admin: AdminClient, seconds: float | None = 60.0) -> None:
-    """Create the examples, labels and DLQ topics if missing and check their partition counts."""
+    """Create the examples, labels, checkpoints and DLQ topics if missing and check their
+    partition counts."""
     topics = config.topics
     wanted = {
         topics.examples: topics.partitions,
         topics.labels: topics.partitions,
+        topics.checkpoints: 1,  # one ordered stream of announcements
         topics.dlq(topics.examples): 1,
         topics.dlq(topics.labels): 1,
     }

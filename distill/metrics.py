@@ -53,7 +53,9 @@ TEACHER_NAN = Counter(
     "distill_teacher_nan_losses_total", "Training steps skipped for a NaN or infinite loss", ["teacher"]
 )
 TEACHER_VERSION = Gauge(
-    "distill_teacher_version", "Version of the teacher (increases with each checkpoint)", ["teacher"]
+    "distill_teacher_version",
+    "Version of the teacher: its own (role both), the newest published (trainer), the newest in use (labeler)",
+    ["teacher"],
 )
 TEACHER_LOSS = Gauge("distill_teacher_loss", "Training loss of the last step", ["teacher", "task"])
 TEACHER_METRIC = Gauge(
@@ -67,6 +69,52 @@ TEACHER_CKPT_SECONDS = Histogram(
 )
 TEACHER_THROUGHPUT = Gauge(
     "distill_teacher_examples_per_second", "Examples labelled per second (moving average)", ["teacher"]
+)
+
+# -- teacher at scale: trainer and labelers ---------------------------------------------------
+STALENESS_EXAMPLE_BUCKETS = (0, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+TEACHER_STALENESS_EXAMPLES = Histogram(
+    "distill_teacher_label_staleness_examples",
+    "Labelled batch's offset minus the watermark of the checkpoint that labelled it, times the batch size",
+    ["teacher"],
+    buckets=STALENESS_EXAMPLE_BUCKETS,
+)
+TEACHER_STALENESS_SECONDS = Histogram(
+    "distill_teacher_label_staleness_seconds",
+    "Kafka time of the labelled batch minus that of the last batch its checkpoint trained on",
+    ["teacher"],
+    buckets=DELAY_BUCKETS,
+)
+TEACHER_RELOADS = Counter(
+    "distill_teacher_reloads_total",
+    "Checkpoints a labeler loaded: source=announcement (hot reload) or store (an evicted one read back)",
+    ["teacher", "source"],
+)
+TEACHER_RELOAD_SECONDS = Histogram(
+    "distill_teacher_reload_seconds", "Time to read, verify and load a checkpoint", ["teacher"], buckets=LATENCY_BUCKETS
+)
+TEACHER_NO_CHECKPOINT = Counter(
+    "distill_teacher_label_waits_total",
+    "Example batches put back because no out-of-sample checkpoint was known for them yet",
+    ["teacher"],
+)
+TEACHER_PUBLISHED = Counter(
+    "distill_teacher_checkpoints_published_total", "Checkpoints the trainer published and announced", ["teacher"]
+)
+TEACHER_LEAD_VERSIONS = Gauge(
+    "distill_teacher_trainer_lead_versions",
+    "Newest published version minus the oldest version the labelers may still need",
+    ["teacher"],
+)
+TEACHER_LEAD_BATCHES = Gauge(
+    "distill_teacher_trainer_lead_batches",
+    "Example batches trained on but not yet labelled (trained-through minus the labelers' committed offsets)",
+    ["teacher"],
+)
+TEACHER_PAUSED = Gauge(
+    "distill_teacher_trainer_paused",
+    "1 while the trainer waits for the labelers (teacher.pool.max_lead_versions)",
+    ["teacher"],
 )
 
 # -- students -----------------------------------------------------------------------------------

@@ -158,11 +158,12 @@ class Service:
         logging.shutdown()
         os._exit(1)
 
-    def run(self, step: Callable[[], bool], close: Callable[[], None]) -> None:
-        """Call ``step`` until a stop is requested or it returns False; then ``close`` once."""
+    def run(self, step: Callable[[], bool], close: Callable[[], None], collective: bool = False) -> None:
+        """Call ``step`` until a stop is requested or it returns False; then ``close`` once.
+        ``collective``: only ``step`` decides (it reads ``stopping`` and agrees with its peers)."""
         self._running = True
         try:
-            while not self.stopping.is_set():
+            while collective or not self.stopping.is_set():
                 self.heartbeat()
                 if not step():
                     break

@@ -63,6 +63,26 @@ class LabelBatch:
         return int(self.logits.shape[0])
 
 
+@dataclass
+class CheckpointAnnouncement:
+    """A published teacher checkpoint: the labelers load ``uri`` and label a batch at (p, o)
+    with the newest announcement whose ``watermark.get(p, 0) <= o`` (the out-of-sample rule)."""
+
+    version: int
+    uri: str
+    sha256: str
+    watermark: dict[int, int]  # partition -> trained on offsets < this
+    watermark_time_ms: dict[int, int] = field(default_factory=dict)  # partition -> timestamp of the last one
+    oldest_kept: int = 0  # the oldest version still in the model store
+    examples_trained: int = 0
+    trainer: str = "trainer"
+    world_size: int = 1
+    published_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    def trained_through(self, partition: int) -> int:
+        return self.watermark.get(partition, 0)
+
+
 def ids_checksum(example_ids: np.ndarray) -> int:
     """Sum of the ids modulo 2**63: cheap, order-free, catches a label joined to the wrong batch."""
     return int(example_ids.astype(np.uint64).sum(dtype=np.uint64)) & (2**63 - 1)
@@ -110,6 +130,7 @@ class Codec:
         self._examples = schemas.latest("example_batch")
         self._labels = schemas.latest("label_batch")
         self._dead = schemas.latest("dead_letter")
+        self._announcements = schemas.latest("checkpoint_announcement")
         self._known = schemas.by_fingerprint()
 
     # -- generic -----------------------------------------------------------------------------
@@ -230,6 +251,43 @@ class Codec:
             task_names=r["task_names"],
             logits=logits,
             produced_at_ms=r["produced_at_ms"],
+        )
+
+    # -- checkpoint announcements -------------------------------------------------------------
+    def encode_announcement(self, a: CheckpointAnnouncement) -> tuple[bytes, Headers]:
+        return self.encode_record(
+            self._announcements,
+            {
+                "version": a.version,
+                "uri": a.uri,
+                "sha256": a.sha256,
+                "watermark": [
+                    {"partition": p, "offset": o, "timestamp_ms": a.watermark_time_ms.get(p, -1)}
+                    for p, o in sorted(a.watermark.items())
+                ],
+                "oldest_kept": a.oldest_kept,
+                "examples_trained": a.examples_trained,
+                "trainer": a.trainer,
+                "world_size": a.world_size,
+                "published_at_ms": a.published_at_ms,
+            },
+        )
+
+    def decode_announcement(self, value: bytes | None, headers: Headers | None) -> CheckpointAnnouncement:
+        r = self.decode_record(value, headers, "checkpoint_announcement")
+        if r["version"] < 0:
+            raise DecodeError("bad_column", f"checkpoint version is negative ({r['version']})")
+        return CheckpointAnnouncement(
+            version=r["version"],
+            uri=r["uri"],
+            sha256=r["sha256"],
+            watermark={w["partition"]: w["offset"] for w in r["watermark"]},
+            watermark_time_ms={w["partition"]: w["timestamp_ms"] for w in r["watermark"] if w["timestamp_ms"] >= 0},
+            oldest_kept=r["oldest_kept"],
+            examples_trained=r["examples_trained"],
+            trainer=r["trainer"],
+            world_size=r["world_size"],
+            published_at_ms=r["published_at_ms"],
         )
 
     # -- dead letters ------------------------------------------------------------------------

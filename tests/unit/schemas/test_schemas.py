@@ -11,7 +11,7 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 import schemas
 
-KINDS = {"example_batch", "label_batch", "dead_letter"}
+KINDS = {"example_batch", "label_batch", "dead_letter", "checkpoint_announcement"}
 
 
 def avsc_files() -> list[str]:

@@ -1,0 +1,386 @@
+"""A teacher labeler (``teacher.role = "labeler"``): label with the newest out-of-sample checkpoint.
+
+Labelers form one consumer group on the examples topic and scale like any group (up to one per
+partition). Each reads every announcement on the checkpoints topic, hot-loads the newest
+checkpoint from the model store (sha256 verified) and keeps ``keep_in_memory`` of them; an
+older one that a batch needs is read back from the store. A batch at (partition p, offset o) is
+labelled by the newest checkpoint whose watermark for p is at most o, so no label comes from a
+teacher that trained on its example. Labels go out as in the single-process teacher: one
+transaction per step with the examples offsets (exactly-once), same partition number, the
+batch id, the checkpoint's version and its watermark.
+
+A batch with no eligible checkpoint known yet (a labeler that has not read the announcements
+that far) is not labelled: its partition is rewound to it and tried again on the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+import torch
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+from distill import metrics as m
+from distill.config import Config
+from distill.dead_letters import DeadLetters
+from distill.exceptions import CheckpointError, DecodeError
+from distill.kafka import (
+    BrokerProbe,
+    Clients,
+    broker_down,
+    consume_available,
+    ensure_topics,
+    is_retriable,
+    lag,
+    needs_abort,
+    partitions_at,
+)
+from distill.model_store import ModelStore
+from distill.models import RankingModel, autocast, batch_tensors, resolve_device
+from distill.progress import ProgressLog
+from distill.service import Service
+from distill.wire import CheckpointAnnouncement, Codec, ExampleBatch, LabelBatch, ids_checksum
+from teacher_worker.out_of_sample import newest_eligible
+from teacher_worker.worker import check_layout
+
+log = logging.getLogger(__name__)
+
+# A dead labeler's open transaction holds back read_committed readers of the labels topic
+# until the broker aborts it; its pod name (transactional id) may never come back to fence it.
+TRANSACTION_TIMEOUT_MS = 15_000
+
+
+class Labeler:
+    role = "teacher"
+
+    def __init__(self, config: Config, service: Service | None = None):
+        self.config = config
+        tc = config.teacher
+        self.pool = tc.pool
+        self.name = tc.name
+        self.service = service or Service(self.role, self.name, port=tc.metrics_port)
+        self.device = resolve_device(tc.device)
+        self.task_names = [t.name for t in config.tasks]
+        self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
+        self.clients = Clients(config.kafka, f"teacher.{self.name}")
+        self.store = ModelStore(config.model_store())
+        self.progress = ProgressLog(config.progress_dir(), self.role, self.name)
+        self.announcements: list[CheckpointAnnouncement] = []  # increasing version
+        self.models: OrderedDict[int, RankingModel] = OrderedDict()  # version -> loaded, oldest first
+        self.unusable: set[int] = set()  # versions whose file failed to load
+        self.assigned: set[int] = set()
+        self.examples_labeled = 0
+        self.versions_used: dict[int, int] = defaultdict(int)  # version -> label batches
+        self.busy_s = 0.0
+        self.probe = BrokerProbe()
+        self._throughput = m.Throughput()
+        for counter in (
+            m.TEACHER_NO_CHECKPOINT.labels(self.name),
+            m.TEACHER_TRANSACTIONS.labels(self.name, "commit"),
+            m.TEACHER_TRANSACTIONS.labels(self.name, "abort"),
+        ):
+            counter.inc(0)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _read_announcements(self, timeout: float = 0.0) -> int:
+        """Take in new announcements; hot-load the newest. Returns how many arrived."""
+        msgs = consume_available(self.announcer, 1000, timeout)
+        fresh = 0
+        for msg in msgs:
+            if msg.error() is not None:
+                continue
+            try:
+                a = self.codec.decode_announcement(msg.value(), msg.headers())
+            except DecodeError as exc:  # every labeler reads it: logged, not dead-lettered N times
+                log.error(
+                    "unreadable checkpoint announcement skipped", extra={"offset": msg.offset(), "error": str(exc)}
+                )
+                continue
+            if self.announcements and a.version <= self.announcements[-1].version:
+                continue  # a restarted trainer announces its current version again
+            self.announcements.append(a)
+            fresh += 1
+        if fresh:
+            newest = self.announcements[-1]
+            # The store no longer holds versions older than oldest_kept: forget them.
+            self.announcements = [a for a in self.announcements if a.version >= newest.oldest_kept]
+            self._model(len(self.announcements) - 1, source="announcement")
+            self._evict(keep=set())
+        return fresh
+
+    def _model(self, index: int, source: str = "store") -> RankingModel | None:
+        """The loaded checkpoint of ``self.announcements[index]``; None if it cannot be loaded."""
+        a = self.announcements[index]
+        if a.version in self.models:
+            self.models.move_to_end(a.version)
+            return self.models[a.version]
+        if a.version in self.unusable:
+            return None
+        started = time.perf_counter()
+        try:
+            weights = self.store.load(a.uri, a.sha256)
+            model = RankingModel(self.config.features, self.config.tasks, self.config.teacher.model)
+            model.load_state_dict(weights)
+        except (CheckpointError, OSError, RuntimeError) as exc:
+            # An older checkpoint is still out-of-sample: the batches fall back to it.
+            log.error("checkpoint unusable", extra={"version": a.version, "error": str(exc)})
+            m.TEACHER_RELOADS.labels(self.name, "failed").inc()
+            self.unusable.add(a.version)
+            return None
+        model.to(self.device).eval()
+        self.models[a.version] = model
+        m.TEACHER_RELOADS.labels(self.name, source).inc()
+        m.TEACHER_RELOAD_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        log.info("loaded checkpoint", extra={"version": a.version, "source": source})
+        return model
+
+    def _evict(self, keep: set[int]) -> None:
+        newest = self.announcements[-1].version if self.announcements else None
+        for version in list(self.models):
+            if len(self.models) <= self.pool.keep_in_memory:
+                break
+            if version not in keep and version != newest:
+                del self.models[version]
+
+    def _eligible(self, partition: int, offset: int) -> tuple[CheckpointAnnouncement, RankingModel] | None:
+        history = [(a.version, a.watermark) for a in self.announcements]
+        i = newest_eligible(history, partition, offset)
+        while i is not None:
+            model = self._model(i)
+            if model is not None:
+                return self.announcements[i], model
+            i = newest_eligible(history[:i], partition, offset)
+        return None
+
+    # -- Kafka -------------------------------------------------------------------------------
+    def start(self) -> None:
+        topics = self.config.topics
+        ensure_topics(self.config, self.clients.admin(), seconds=None)
+        self.producer = self.clients.producer(
+            transactional_id=f"{self.pool.labeler_group_id}.{self.name}",
+            **{"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS},
+        )
+        self.producer.init_transactions(60)
+        self.dead_letters = DeadLetters(self.producer, self.codec, self.role, self.name)
+        # Every announcement from the start, assigned and never committed: each labeler needs all.
+        self.announcer = self.clients.consumer(f"{self.pool.labeler_group_id}.{self.name}.announcements")
+        self.announcer.assign([TopicPartition(topics.checkpoints, 0, OFFSET_BEGINNING)])
+        self.service.set_ready(False, "waiting for the trainer's first checkpoint")
+        while not self.models and not self.service.stopping.is_set():
+            self._read_announcements(timeout=1.0)
+        self.consumer = self.clients.consumer(self.pool.labeler_group_id)
+        self.consumer.subscribe(
+            [topics.examples], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+
+    def _on_assign(self, consumer, partitions) -> None:
+        for tp in partitions:
+            self.assigned.add(tp.partition)
+        consumer.incremental_assign(partitions)
+        log.info("partitions assigned", extra={"partitions": sorted(self.assigned)})
+        self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions")
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        for tp in partitions:
+            self.assigned.discard(tp.partition)
+        consumer.incremental_unassign(partitions)
+        self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions assigned")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def step(self) -> bool:
+        self._read_announcements()
+        msgs = consume_available(
+            self.consumer, self.config.teacher.max_batches_per_step, self.config.teacher.poll_timeout_s
+        )
+        records = []
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if broker_down(err):
+                    self.service.set_ready(False, f"broker: {err.str()}")
+                log.warning("consume error", extra={"error": err.str()})
+                continue
+            records.append(msg)
+        if not records:
+            self._idle()
+            return True
+        started = time.perf_counter()
+        self.service.set_ready(bool(self.assigned), "assigned")
+        labelled: list[tuple[object, ExampleBatch, CheckpointAnnouncement]] = []
+        try:
+            rewind = self._transaction(records, labelled)
+        except Exception as exc:
+            if not needs_abort(exc) and not is_retriable(exc):
+                raise
+            log.warning("transaction failed, aborting and rewinding", extra={"error": str(exc)})
+            self._abort_and_rewind(records)
+            return True
+        if rewind:
+            self._seek(rewind)
+            if not labelled:  # only waiting batches: give the announcements time to arrive
+                time.sleep(self.config.teacher.poll_timeout_s)
+        n = sum(b.size for _, b, _ in labelled)
+        self.examples_labeled += n
+        m.TEACHER_EXAMPLES.labels(self.name).inc(n)
+        m.TEACHER_LABEL_BATCHES.labels(self.name).inc(len(labelled))
+        for msg, batch, a in labelled:
+            self._observe_staleness(msg, batch, a)
+            self.versions_used[a.version] += 1
+        if labelled:
+            m.TEACHER_VERSION.labels(self.name).set(max(a.version for _, _, a in labelled))
+        self._evict(keep=set())
+        elapsed = time.perf_counter() - started
+        self.busy_s += elapsed
+        m.TEACHER_STEP_SECONDS.labels(self.name).observe(elapsed)
+        m.TEACHER_THROUGHPUT.labels(self.name).set(self._throughput.update(n, elapsed))
+        if self.progress.due(self.examples_labeled):
+            self._write_progress()
+        return True
+
+    def _transaction(self, records: list, labelled: list) -> dict[int, int]:
+        """Label what can be labelled, in offset order per partition; returns the offsets to
+        rewind to (partition -> first batch with no out-of-sample checkpoint yet)."""
+        rewind: dict[int, int] = {}
+        done: dict[int, int] = {}  # partition -> next offset (labelled or dead-lettered)
+        groups: dict[int, list[tuple[object, ExampleBatch, CheckpointAnnouncement]]] = defaultdict(list)
+        self.producer.begin_transaction()
+        for msg in records:
+            p, o = msg.partition(), msg.offset()
+            if p in rewind:
+                continue  # keep the partition in order: nothing after a batch that waits
+            try:
+                batch = self.codec.decode_examples(msg.value(), msg.headers())
+                check_layout(batch, self.config)
+            except DecodeError as exc:
+                self.dead_letters.send(msg, exc)
+                done[p] = o + 1
+                continue
+            found = self._eligible(p, o)
+            if found is None:
+                rewind[p] = o
+                m.TEACHER_NO_CHECKPOINT.labels(self.name).inc()
+                continue
+            a, _ = found
+            groups[a.version].append((msg, batch, a))
+            done[p] = o + 1
+        for version, items in sorted(groups.items()):
+            self._publish_labels(self.models[version], items)
+            labelled.extend(items)
+        if done:
+            self.producer.send_offsets_to_transaction(
+                partitions_at(self.config.topics.examples, done), self.consumer.consumer_group_metadata(), 30
+            )
+        self.producer.commit_transaction(60)
+        m.TEACHER_TRANSACTIONS.labels(self.name, "commit").inc()
+        if rewind:
+            log.warning("no out-of-sample checkpoint known yet for some batches", extra={"rewind": rewind})
+        return rewind
+
+    def _publish_labels(self, model: RankingModel, items: list) -> None:
+        batches = [b for _, b, _ in items]
+        cat, dense, _ = batch_tensors(batches, self.device)
+        with torch.no_grad(), autocast(self.device):
+            main, _ = model(cat, dense)
+        logits = main.float().cpu().numpy()
+        start = 0
+        now_ms = int(time.time() * 1000)
+        for msg, batch, a in items:
+            chunk = logits[start : start + batch.size]
+            start += batch.size
+            p = msg.partition()
+            label = LabelBatch(
+                batch_id=batch.batch_id,
+                example_ids_checksum=ids_checksum(batch.example_ids),
+                source_partition=p,
+                source_offset=msg.offset(),
+                teacher_version=a.version,
+                watermark=a.trained_through(p),
+                task_names=self.task_names,
+                logits=np.ascontiguousarray(chunk),
+                produced_at_ms=now_ms,
+            )
+            value, headers = self.codec.encode_labels(label)
+            self.producer.produce(
+                self.config.topics.labels, value=value, key=batch.batch_id.encode(), partition=p, headers=headers
+            )
+
+    def _observe_staleness(self, msg, batch: ExampleBatch, a: CheckpointAnnouncement) -> None:
+        p = msg.partition()
+        m.TEACHER_STALENESS_EXAMPLES.labels(self.name).observe((msg.offset() - a.trained_through(p)) * batch.size)
+        _, ts = msg.timestamp()
+        trained_ts = a.watermark_time_ms.get(p)
+        if trained_ts is not None and ts > 0:
+            m.TEACHER_STALENESS_SECONDS.labels(self.name).observe(max(0.0, (ts - trained_ts) / 1000))
+
+    def _seek(self, offsets: dict[int, int]) -> None:
+        for tp in partitions_at(self.config.topics.examples, offsets):
+            try:
+                self.consumer.seek(tp)
+            except Exception as exc:  # the partition may have been revoked meanwhile
+                log.warning("seek failed", extra={"error": str(exc)})
+
+    def _abort_and_rewind(self, records: list) -> None:
+        m.TEACHER_TRANSACTIONS.labels(self.name, "abort").inc()
+        try:
+            self.producer.flush(10)
+            self.producer.abort_transaction(30)
+        except Exception as exc:
+            log.warning("abort failed", extra={"error": str(exc)})
+        first: dict[int, int] = {}
+        for msg in records:
+            first.setdefault(msg.partition(), msg.offset())
+        self._seek(first)
+
+    def _idle(self) -> None:
+        if not self.probe.check(self.consumer):
+            self.service.set_ready(False, "broker unreachable (metadata request timed out)")
+        else:
+            self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions assigned")
+        if self.progress.due():
+            self._write_progress()
+            self._export_lag()
+
+    def _export_lag(self) -> None:
+        try:
+            for (topic, p), n in lag(self.consumer, self.consumer.assignment()).items():
+                m.CONSUMER_LAG.labels(self.role, self.name, topic, str(p)).set(n)
+        except Exception as exc:  # lag is informative only
+            log.debug("lag unavailable: %s", exc)
+
+    def snapshot(self) -> dict:
+        return {
+            "role": self.role,
+            "teacher_role": "labeler",
+            "name": self.name,
+            "version": self.announcements[-1].version if self.announcements else None,
+            "versions_in_memory": list(self.models),
+            "label_batches_by_version": dict(sorted(self.versions_used.items())),
+            "partitions": sorted(self.assigned),
+            "examples_labeled": self.examples_labeled,
+            "busy_s": self.busy_s,
+            "examples_per_s": self.examples_labeled / self.busy_s if self.busy_s else 0.0,
+        }
+
+    def _write_progress(self) -> None:
+        self.progress.write(self.snapshot(), self.examples_labeled)
+
+    def close(self) -> None:
+        try:
+            self.progress.write_summary(self.snapshot())
+        finally:
+            if hasattr(self, "consumer"):
+                self.consumer.close()
+            self.announcer.close()
+            self.producer.flush(10)
+
+
+def run_labeler(config: Config) -> None:
+    """Run until SIGTERM/SIGINT: the entry point of ``distill teacher --role labeler``."""
+    labeler = Labeler(config)
+    labeler.service.install_signal_handlers()
+    labeler.service.start_http()
+    labeler.start()
+    labeler.service.run(labeler.step, labeler.close)

@@ -1,0 +1,416 @@
+"""The teacher's trainer (``teacher.role = "trainer"``): train, publish checkpoints, bound the lead.
+
+It reads the examples topic and trains the teacher; it labels nothing. Under torchrun each
+rank reads a fixed share of the partitions (p % world == rank, assigned, not a consumer group)
+and every step is collective: each rank contributes at most one example batch, the gradients
+are all-reduced weighted by batch size, and every rank takes the same optimizer step, so the
+weights stay identical. One process (no torchrun) is the same code with no-op collectives.
+
+Every ``publish_every_batches`` batches or ``publish_every_seconds`` rank 0:
+  1. checkpoints its own state (weights, optimizer, per-partition trained-through offsets);
+  2. writes the weights to the model store (atomic, sha256);
+  3. announces version, URI, checksum and watermark on the checkpoints topic.
+A restart resumes from step 1's checkpoint and announces that version again (labelers ignore a
+version they know). Rank 0 also reads the labelers' committed offsets: while its newest version
+is ``max_lead_versions`` ahead of the oldest one they may still need, every rank pauses, so an
+out-of-sample checkpoint always exists; store files no labeler can need any more are deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+
+import torch
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+
+from distill import metrics as m
+from distill.checkpoint import Checkpointer
+from distill.config import Config
+from distill.evaluation import ProgressiveEvaluator
+from distill.exceptions import DecodeError
+from distill.kafka import BrokerProbe, Clients, consume_available, ensure_topics, lag, partition_count
+from distill.losses import hard_losses
+from distill.model_store import ModelStore
+from distill.models import RankingModel, autocast, batch_tensors, make_optimizer, weights_finite
+from distill.progress import ProgressLog
+from distill.service import Service, configure_logging
+from distill.wire import CheckpointAnnouncement, Codec, ExampleBatch
+from teacher_worker.out_of_sample import lead_batches, oldest_needed
+from teacher_worker.ranks import Ranks
+from teacher_worker.worker import check_layout
+
+log = logging.getLogger(__name__)
+
+# Fields of the per-step control all-reduce (a sum over the ranks).
+_EXAMPLES, _BATCHES, _STOP, _PUBLISH, _PAUSE = range(5)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes: equal on every rank when data parallelism works."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Trainer:
+    role = "teacher"
+
+    def __init__(self, config: Config, ranks: Ranks, device: torch.device, service: Service | None = None):
+        self.config = config
+        tc = config.teacher
+        self.pool = tc.pool
+        self.ranks = ranks
+        self.device = device
+        self.name = tc.name if ranks.world == 1 else f"{tc.name}.rank{ranks.rank}"
+        port = tc.metrics_port + ranks.rank if tc.metrics_port else 0
+        self.service = service or Service(self.role, self.name, port=port)
+        torch.manual_seed(tc.model.seed)  # identical initial weights on every rank
+        self.model = RankingModel(config.features, config.tasks, tc.model).to(device)
+        self.optimizer = make_optimizer(self.model, tc.model)
+        self.kinds = [t.type for t in config.tasks]
+        self.task_names = [t.name for t in config.tasks]
+        self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
+        self.clients = Clients(config.kafka, f"teacher.{self.name}")
+        self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, tc.name), tc.checkpoint.keep)
+        self.store = ModelStore(config.model_store())
+        self.progress = ProgressLog(config.progress_dir(), self.role, self.name)
+        self.evaluator = ProgressiveEvaluator(self.task_names, self.kinds)
+        self.version = 0
+        self.trained_through: dict[int, int] = {}  # this rank's partitions -> next offset to train
+        self.trained_time: dict[int, int] = {}  # partition -> Kafka timestamp of the last batch trained
+        # Rank 0: (version, watermark) of the published checkpoints a labeler may still need.
+        self.history: list[tuple[int, dict[int, int]]] = []
+        self.oldest_kept = 0
+        self.examples_trained = 0  # by this rank
+        self.batches_since_publish = 0  # by all ranks: the same number on each
+        self.last_publish = time.monotonic()
+        self.buffer: deque[tuple[object, ExampleBatch | None]] = deque()  # None: undecodable
+        self.paused = False  # by the lead bound (every rank)
+        self.pause_wanted = False  # rank 0's latest decision
+        self.last_lead_check = float("-inf")
+        self.partitions: list[int] = []
+        self.busy_s = 0.0
+        self.probe = BrokerProbe()
+        self._throughput = m.Throughput()
+        m.TEACHER_NAN.labels(self.name).inc(0)
+        m.TEACHER_PAUSED.labels(self.name).set(0)
+        self._restore()
+
+    # -- state -------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        # Rank 0 reads its checkpoint and hands it to the others: no shared disk is needed.
+        found = self.checkpointer.load_latest() if self.ranks.leader else None
+        found = self.ranks.broadcast(found)
+        if found is None:
+            log.info("no checkpoint: starting a fresh teacher")
+            return
+        _, state = found
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = state["version"]
+        self.trained_through = {int(p): int(o) for p, o in state["trained_through"].items()}
+        self.trained_time = {int(p): int(t) for p, t in state.get("trained_time", {}).items()}
+        self.history = [(int(v), {int(p): int(o) for p, o in wm.items()}) for v, wm in state.get("history", [])]
+        self.oldest_kept = state.get("oldest_kept", 0)
+        self.examples_trained = state.get("examples_trained", 0) if self.ranks.leader else 0
+        log.info("restored checkpoint", extra={"version": self.version, "offsets": self.trained_through})
+
+    def _checkpoint(self, watermark: dict[int, int], times: dict[int, int], examples: int) -> None:
+        self.checkpointer.save(
+            self.version,
+            {
+                "version": self.version,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "trained_through": watermark,
+                "trained_time": times,
+                "history": self.history,
+                "oldest_kept": self.oldest_kept,
+                "examples_trained": examples,
+                "world_size": self.ranks.world,
+            },
+        )
+
+    # -- Kafka -------------------------------------------------------------------------------
+    def start(self) -> None:
+        ensure_topics(self.config, self.clients.admin(), seconds=None)
+        count = partition_count(self.clients.admin(), self.config.topics.examples) or 0
+        self.partitions = [p for p in range(count) if p % self.ranks.world == self.ranks.rank]
+        self.all_partitions = list(range(count))
+        self.consumer = self.clients.consumer(f"{self.config.teacher.group_id}.trainer")
+        # The checkpoint's offsets: this rank's share, whatever the world size was before.
+        self.consumer.assign(
+            [
+                TopicPartition(self.config.topics.examples, p, self.trained_through.get(p, OFFSET_BEGINNING))
+                for p in self.partitions
+            ]
+        )
+        self.trained_through = {p: o for p, o in self.trained_through.items() if p in self.partitions}
+        if self.ranks.leader:
+            self.producer = self.clients.producer()
+            # Never joins the labelers' group: only reads its committed offsets.
+            self.lead_reader = self.clients.consumer(self.pool.labeler_group_id)
+            self._announce_current()
+        log.info("partitions assigned", extra={"partitions": self.partitions, "rank": self.ranks.rank})
+        self.service.set_ready(True, f"training partitions {self.partitions}")
+
+    def _announce_current(self) -> None:
+        """On start: make sure the current version is in the store and announced (version 0,
+        the untrained teacher, on a fresh start; after a restart the checkpoint's version)."""
+        if not self.history or self.history[-1][0] != self.version:
+            self.history.append((self.version, {}))
+        described = self.store.describe(self.version)
+        uri, sha = described if described else self.store.publish(self.version, self.model.state_dict())
+        self._announce(uri, sha, self.history[-1][1], {}, self.examples_trained)
+
+    def _announce(self, uri: str, sha: str, watermark: dict[int, int], times: dict[int, int], examples: int) -> None:
+        announcement = CheckpointAnnouncement(
+            version=self.version,
+            uri=uri,
+            sha256=sha,
+            watermark=watermark,
+            watermark_time_ms=times,
+            oldest_kept=self.oldest_kept,
+            examples_trained=examples,
+            trainer=self.config.teacher.name,
+            world_size=self.ranks.world,
+        )
+        value, headers = self.codec.encode_announcement(announcement)
+        self.producer.produce(self.config.topics.checkpoints, value=value, headers=headers, partition=0)
+        if self.producer.flush(30) > 0:
+            raise KafkaException(f"checkpoint announcement {self.version} not delivered within 30 s")
+        m.TEACHER_VERSION.labels(self.name).set(self.version)
+        log.info("announced checkpoint", extra={"version": self.version, "uri": uri})
+
+    # -- the loop ------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One collective step; False once any rank was asked to stop (all then stop together)."""
+        self._refill()
+        while self.buffer and self.buffer[0][1] is None:  # a bad batch: skipped, in offset order
+            msg, _ = self.buffer.popleft()
+            self.trained_through[msg.partition()] = msg.offset() + 1
+        local = self.buffer[0][1] if self.buffer else None
+        ctl = torch.zeros(5, dtype=torch.float64, device=self.device)
+        ctl[_EXAMPLES] = local.size if local is not None else 0
+        ctl[_BATCHES] = 1 if local is not None else 0
+        ctl[_STOP] = 1 if self.service.stopping.is_set() else 0
+        if self.ranks.leader:
+            ctl[_PUBLISH] = 1 if self._publish_due() else 0
+            ctl[_PAUSE] = 1 if self.pause_wanted else 0
+        examples, batches, stop, publish, pause = (int(x) for x in self.ranks.all_reduce(ctl).tolist())
+        self._set_paused(pause > 0)
+        started = time.perf_counter()
+        if batches and not self.paused:
+            msg, batch = self.buffer.popleft() if local is not None else (None, None)
+            self._train_step(batch, examples)
+            self.batches_since_publish += batches
+            if msg is not None:
+                self.trained_through[msg.partition()] = msg.offset() + 1
+                self.trained_time[msg.partition()] = msg.timestamp()[1]
+            elapsed = time.perf_counter() - started
+            self.busy_s += elapsed
+            m.TEACHER_STEP_SECONDS.labels(self.name).observe(elapsed)
+            m.TEACHER_THROUGHPUT.labels(self.name).set(self._throughput.update(batch.size if batch else 0, elapsed))
+        elif self.paused:
+            time.sleep(self.config.teacher.poll_timeout_s)
+        published = bool(publish or (stop and self.batches_since_publish))
+        if published:
+            self._publish()
+        if stop:
+            return False
+        # Right after a publish too, so that the lead never passes the bound between checks.
+        if self.ranks.leader and (published or time.monotonic() - self.last_lead_check >= self.pool.lead_check_seconds):
+            self._check_lead()
+        if self.progress.due(self.examples_trained):
+            self._write_progress()
+        return True
+
+    def _refill(self) -> None:
+        want = self.config.teacher.max_batches_per_step - len(self.buffer)
+        if want <= 0 or self.paused:
+            return
+        # Wait for data only when this rank has nothing at all to contribute.
+        timeout = self.config.teacher.poll_timeout_s if not self.buffer else 0.0
+        msgs = consume_available(self.consumer, want, timeout)
+        for msg in msgs:
+            if msg.error() is not None:
+                log.warning("consume error", extra={"error": msg.error().str()})
+                continue
+            try:
+                batch = self.codec.decode_examples(msg.value(), msg.headers())
+                check_layout(batch, self.config)
+            except DecodeError as exc:
+                # The labelers dead-letter the same message; the trainer only skips it.
+                log.warning("skipping a bad example batch", extra={"reason": exc.reason, "offset": msg.offset()})
+                batch = None
+            self.buffer.append((msg, batch))
+        if not msgs and not self.buffer:
+            reachable = self.probe.check(self.consumer)
+            self.service.set_ready(reachable, "idle" if reachable else "broker unreachable (metadata timed out)")
+        elif msgs:
+            self.service.set_ready(True, "training")
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self.paused:
+            return
+        self.paused = paused
+        assignment = self.consumer.assignment()
+        (self.consumer.pause if paused else self.consumer.resume)(assignment)
+        m.TEACHER_PAUSED.labels(self.name).set(1 if paused else 0)
+        log.info("waiting for the labelers (lead bound)" if paused else "labelers caught up: training again")
+
+    def _train_step(self, batch: ExampleBatch | None, total_examples: int) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        if batch is not None:
+            cat, dense, labels = batch_tensors([batch], self.device)
+            with autocast(self.device):
+                main, _ = self.model(cat, dense)
+            losses = hard_losses(main, labels, self.kinds)
+            loss = torch.stack(losses).sum()
+            # Weighted by batch size, so the summed gradient is the mean over every example.
+            (loss * (batch.size / total_examples)).backward()
+            self.evaluator.update("main", main.detach().float().cpu().numpy(), labels.cpu().numpy())
+            for name, value in zip(self.task_names, losses, strict=False):
+                m.TEACHER_LOSS.labels(self.name, name).set(value.item())
+        if not self._reduce_gradients():
+            m.TEACHER_NAN.labels(self.name).inc()
+            log.warning("non-finite gradient: training step skipped on every rank")
+            return
+        self.optimizer.step()
+        if batch is not None:
+            self.examples_trained += batch.size
+            m.TEACHER_TRAINED.labels(self.name).inc(batch.size)
+
+    def _reduce_gradients(self) -> bool:
+        """Sum the ranks' gradients in one all-reduce; False (on every rank) if not finite."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.ranks.world == 1:
+            return all(torch.isfinite(g).all().item() for g in grads)
+        flat = self.ranks.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+        if not torch.isfinite(flat).all().item():
+            return False
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p)
+            offset += n
+        return True
+
+    # -- checkpoints and the lead bound ------------------------------------------------------------
+    def _publish_due(self) -> bool:
+        return self.batches_since_publish > 0 and (
+            self.batches_since_publish >= self.pool.publish_every_batches
+            or time.monotonic() - self.last_publish >= self.pool.publish_every_seconds
+        )
+
+    def _publish(self) -> None:
+        """Collective: gather every rank's offsets; rank 0 checkpoints, stores and announces."""
+        shares = self.ranks.gather((dict(self.trained_through), dict(self.trained_time), self.examples_trained))
+        self.batches_since_publish = 0
+        self.last_publish = time.monotonic()
+        if not weights_finite(self.model):  # the same weights on every rank: the same decision
+            log.error("weights are not finite: nothing published (the last good checkpoint stays)")
+            m.TEACHER_NAN.labels(self.name).inc()
+            return
+        self.version += 1
+        m.TEACHER_VERSION.labels(self.name).set(self.version)
+        if not self.ranks.leader:
+            return
+        started = time.perf_counter()
+        watermark = dict(self.history[-1][1]) if self.history else {}
+        times: dict[int, int] = {}
+        for offsets, stamps, _ in shares:
+            watermark.update(offsets)
+            times.update(stamps)
+        examples = sum(n for _, _, n in shares)
+        self.history.append((self.version, watermark))
+        self._checkpoint(watermark, times, examples)
+        uri, sha = self.store.publish(self.version, self.model.state_dict())
+        self._announce(uri, sha, watermark, times, examples)
+        m.TEACHER_PUBLISHED.labels(self.name).inc()
+        m.TEACHER_CKPT_AGE.labels(self.name).set(time.time())
+        m.TEACHER_CKPT_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+
+    def _check_lead(self) -> None:
+        self.last_lead_check = time.monotonic()
+        topic = self.config.topics.examples
+        try:
+            committed = self.lead_reader.committed([TopicPartition(topic, p) for p in self.all_partitions], timeout=5)
+        except KafkaException as exc:  # keep the last decision; the broker may be back soon
+            log.warning("labelers' offsets unavailable", extra={"error": str(exc)})
+            return
+        positions = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+        needed = oldest_needed(self.history, positions, self.all_partitions)
+        if needed is None:
+            return
+        lead = self.version - needed
+        self.pause_wanted = lead >= self.pool.max_lead_versions
+        m.TEACHER_LEAD_VERSIONS.labels(self.name).set(lead)
+        m.TEACHER_LEAD_BATCHES.labels(self.name).set(lead_batches(self.history[-1][1], positions))
+        # What no labeler can need any more: forgotten here, deleted from the store.
+        self.history = [h for h in self.history if h[0] >= needed]
+        self.oldest_kept = needed
+        self.store.prune(keep_from=needed)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        snap = self.evaluator.snapshot()
+        for task, heads in snap.items():
+            for window, values in heads.get("main", {}).items():
+                for metric, value in values.items():
+                    m.TEACHER_METRIC.labels(self.name, task, metric, window).set(value)
+        return {
+            "role": self.role,
+            "teacher_role": "trainer",
+            "name": self.name,
+            "rank": self.ranks.rank,
+            "world_size": self.ranks.world,
+            "partitions": self.partitions,
+            "version": self.version,
+            "examples_trained": self.examples_trained,
+            "busy_s": self.busy_s,
+            "examples_per_s": self.examples_trained / self.busy_s if self.busy_s else 0.0,
+            "metrics": snap,
+        }
+
+    def _write_progress(self) -> None:
+        self._export_lag()
+        self.progress.write(self.snapshot(), self.examples_trained)
+
+    def _export_lag(self) -> None:
+        try:
+            for (topic, p), n in lag(self.consumer, self.consumer.assignment()).items():
+                m.CONSUMER_LAG.labels(self.role, self.name, topic, str(p)).set(n)
+        except Exception as exc:  # lag is informative only
+            log.debug("lag unavailable: %s", exc)
+
+    def close(self) -> None:
+        try:
+            self.progress.write_summary({**self.snapshot(), "weights_sha256": weights_digest(self.model)})
+        finally:
+            self.consumer.close()
+            if self.ranks.leader:
+                self.lead_reader.close()
+                self.producer.flush(10)
+            self.ranks.close()
+
+
+def run_trainer(config: Config) -> None:
+    """Entry point of ``distill teacher --role trainer`` (directly, or once per torchrun rank)."""
+    ranks, device = Ranks.from_env(config.teacher)
+    name = config.teacher.name if ranks.world == 1 else f"{config.teacher.name}.rank{ranks.rank}"
+    configure_logging("teacher", name)
+    trainer = Trainer(config, ranks, device)
+    trainer.service.install_signal_handlers()
+    trainer.service.start_http()
+    trainer.start()
+    # Collective: the loop ends when the step says so (every rank at the same step), not
+    # when this rank's own stop flag is set.
+    trainer.service.run(trainer.step, trainer.close, collective=True)

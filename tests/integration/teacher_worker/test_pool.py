@@ -1,0 +1,190 @@
+"""The teacher at scale against the embedded broker: a trainer and a pool of labelers."""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+
+import numpy as np
+import torch
+
+from distill import metrics as m
+from distill.model_store import ModelStore
+from distill.models import RankingModel, batch_tensors
+from distill.wire import Codec, ids_checksum
+from teacher_worker.labeler import Labeler
+from teacher_worker.ranks import Ranks
+from teacher_worker.trainer import Trainer
+from tests.integration.workers import (
+    example_batch_ids,
+    kill9,
+    produce_synthetic,
+    read_all,
+    read_labels,
+    run_until,
+    spawn,
+    stop,
+    write_config,
+)
+
+
+def pool_config(make_config, **pool):
+    return make_config(
+        topics={"partitions": 4},
+        teacher={
+            "max_batches_per_step": 4,
+            "poll_timeout_s": 0.05,
+            "model": {"hidden": [32], "embedding_dim": 8, "cross_layers": 0},
+            "pool": {"publish_every_batches": 5, "publish_every_seconds": 60.0, "lead_check_seconds": 0.2, **pool},
+        },
+    )
+
+
+def announcements(config) -> list:
+    codec = Codec()
+    return [
+        codec.decode_announcement(msg.value(), msg.headers()) for msg in read_all(config, config.topics.checkpoints)
+    ]
+
+
+def labelled_ids(config) -> set[str]:
+    return {lb.batch_id for _, _, lb in read_labels(config)}
+
+
+def test_trainer_and_two_labelers_label_every_batch_once_out_of_sample(make_config):
+    config = pool_config(make_config)
+    produced = produce_synthetic(config, 60 * 128, batch_size=128)
+    trainer = Trainer(config, Ranks(), torch.device("cpu"))
+    trainer.start()
+    first = Labeler(config.model_copy(update={"teacher": config.teacher.model_copy(update={"name": "labeler-a"})}))
+    second = Labeler(config.model_copy(update={"teacher": config.teacher.model_copy(update={"name": "labeler-b"})}))
+    first.start()
+    second.start()
+    run_until(
+        lambda: (
+            first.examples_labeled + second.examples_labeled >= produced["examples"]
+            and sum(trainer.trained_through.values()) >= produced["batches"]
+        ),
+        [trainer.step, first.step, second.step],
+        timeout=120,
+    )
+    assert first.assigned and second.assigned and not first.assigned & second.assigned  # the group split the work
+    trainer.service.stopping.set()
+    assert trainer.step() is False  # a stop publishes what was trained since the last checkpoint
+    for worker in (trainer, first, second):
+        worker.close()
+
+    examples = example_batch_ids(config)
+    labels = read_labels(config)
+    assert len(examples) == produced["batches"] >= 60
+    assert sorted(lb.batch_id for _, _, lb in labels) == sorted(examples)  # each batch exactly once
+    published = {a.version: a for a in announcements(config)}
+    assert sorted(published) == list(range(trainer.version + 1)) and trainer.version >= 10
+    codec = Codec()
+    batches = {
+        b.batch_id: b
+        for b in (codec.decode_examples(msg.value(), msg.headers()) for msg in read_all(config, config.topics.examples))
+    }
+    store = ModelStore(config.model_store())
+    by_partition = collections.defaultdict(list)
+    for partition, _, lb in labels:
+        assert (partition, lb.source_offset) == examples[lb.batch_id]
+        announced = published[lb.teacher_version]
+        # Out-of-sample: the checkpoint that labelled the batch never trained on it.
+        assert lb.watermark == announced.trained_through(partition) <= lb.source_offset
+        assert lb.example_ids_checksum == ids_checksum(batches[lb.batch_id].example_ids)
+        by_partition[partition].append((lb.source_offset, lb.teacher_version))
+    # The labels carry the version that made them: recompute a few from the store.
+    for _, _, lb in labels[:: max(1, len(labels) // 6)]:
+        model = RankingModel(config.features, config.tasks, config.teacher.model)
+        a = published[lb.teacher_version]
+        if a.version not in store.versions():
+            continue  # pruned: no labeler can need it any more
+        model.load_state_dict(store.load(a.uri, a.sha256))
+        cat, dense, _ = batch_tensors([batches[lb.batch_id]], torch.device("cpu"))
+        with torch.no_grad():
+            expected, _ = model.eval()(cat, dense)
+        np.testing.assert_allclose(lb.logits, expected.numpy(), rtol=1e-5, atol=1e-6)
+    # New checkpoints were picked up: within a partition the version never goes back, and it moves on.
+    for pairs in by_partition.values():
+        versions = [v for _, v in sorted(pairs)]
+        assert versions == sorted(versions)
+    assert max(lb.teacher_version for _, _, lb in labels) > 0
+    assert len({lb.teacher_version for _, _, lb in labels}) >= 3
+
+
+def test_trainer_pauses_while_too_far_ahead_of_the_labelers(make_config):
+    config = pool_config(make_config, max_lead_versions=3, publish_every_batches=2)
+    produced = produce_synthetic(config, 40 * 64, batch_size=64)
+    trainer = Trainer(config, Ranks(), torch.device("cpu"))
+    trainer.start()
+    run_until(lambda: trainer.paused, [trainer.step], timeout=60)
+    for _ in range(20):
+        trainer.step()
+    # Version 0 is all the labelers may use at offset 0, so 3 versions ahead is the limit.
+    assert trainer.version == 3 and trainer.paused
+    assert m.TEACHER_PAUSED.labels(trainer.name)._value.get() == 1
+    assert m.TEACHER_LEAD_VERSIONS.labels(trainer.name)._value.get() == 3
+    assert trainer.store.versions() == [0, 1, 2, 3]
+
+    labeler = Labeler(config)
+    labeler.start()
+    run_until(
+        lambda: labeler.examples_labeled >= produced["examples"] and sum(trainer.trained_through.values()) >= 40,
+        [trainer.step, labeler.step],
+        timeout=120,
+    )
+    assert trainer.version > 3
+    # Store files no labeler can need any more are gone (the newest two always stay).
+    trainer._check_lead()
+    assert trainer.oldest_kept > 3
+    assert trainer.store.versions() == list(range(min(trainer.oldest_kept, trainer.version - 1), trainer.version + 1))
+    labeler.close()
+    trainer.service.stopping.set()
+    trainer.step()
+    trainer.close()
+    labels = read_labels(config)
+    assert sorted(lb.batch_id for _, _, lb in labels) == sorted(example_batch_ids(config))
+    assert all(lb.watermark <= lb.source_offset for _, _, lb in labels)
+
+
+def test_killing_a_labeler_moves_its_partitions_to_the_other(make_config, tmp_path):
+    config = pool_config(make_config)
+    path = write_config(config, tmp_path / "pool.yaml")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    trainer = spawn(["teacher", "--config", str(path), "--role", "trainer"], logs / "trainer.log")
+    doomed = spawn(["teacher", "--config", str(path), "--role", "labeler", "--name", "doomed"], logs / "a.log")
+    survivor = spawn(["teacher", "--config", str(path), "--role", "labeler", "--name", "survivor"], logs / "b.log")
+    try:
+        first = produce_synthetic(config, 40 * 128, batch_size=128)
+        _wait_for(lambda: len(labelled_ids(config)) >= first["batches"], 90, logs)
+        kill9(doomed)
+        second = produce_synthetic(config, 40 * 128, batch_size=128)
+        examples = example_batch_ids(config)
+        assert len(examples) == first["batches"] + second["batches"]
+        _wait_for(lambda: labelled_ids(config) >= set(examples), 90, logs)
+        assert stop(survivor) == 0
+        assert stop(trainer) == 0
+    finally:
+        for proc in (trainer, doomed, survivor):
+            if proc.poll() is None:
+                kill9(proc)
+    labels = read_labels(config)
+    assert {lb.batch_id for _, _, lb in labels} == set(examples)  # none left unlabelled
+    assert all(lb.watermark <= lb.source_offset for _, _, lb in labels)
+    summary = json.loads((config.progress_dir() / "teacher-survivor.summary.json").read_text())
+    assert summary["partitions"] == [0, 1, 2, 3]  # the survivor took the dead one's partitions
+    late = [lb for _, _, lb in labels if lb.batch_id in examples and lb.source_offset >= 10]
+    assert {lb.source_partition for lb in late} == {0, 1, 2, 3}
+
+
+def _wait_for(predicate, timeout: float, logs) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1.0)
+    tails = {p.name: p.read_text()[-2000:] for p in logs.iterdir()}
+    raise AssertionError(f"not reached within {timeout}s; logs: {tails}")
