@@ -107,7 +107,10 @@ class Labeler:
             newest = self.announcements[-1]
             # The store no longer holds versions older than oldest_kept: forget them.
             self.announcements = [a for a in self.announcements if a.version >= newest.oldest_kept]
-            self._model(len(self.announcements) - 1, source="announcement")
+            # Hot reload; a file that fails its checksum falls back to the newest older one.
+            for i in range(len(self.announcements) - 1, -1, -1):
+                if self._model(i, source="announcement") is not None:
+                    break
             self._evict(keep=set())
         return fresh
 

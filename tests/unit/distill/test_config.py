@@ -265,6 +265,24 @@ def test_examples_and_labels_topics_differ():
     assert "different topics" in error_of(None, topics={"examples": "t", "labels": "t"})
 
 
+def test_checkpoints_topic_differs_from_the_others():
+    assert "different topics" in error_of(None, topics={"checkpoints": "labels"})
+
+
+def test_teacher_role_and_pool():
+    cfg = load_config(
+        None, environ={"DISTILL_TEACHER__ROLE": "labeler", "DISTILL_TEACHER__POOL__MAX_LEAD_VERSIONS": "4"}
+    )
+    assert cfg.teacher.role == "labeler" and cfg.teacher.pool.max_lead_versions == 4
+    assert cfg.model_store() == cfg.state_dir / "model-store"
+    assert load_config(None, environ={}, teacher={"pool": {"model_store": "/mnt/store"}}).model_store() == Path(
+        "/mnt/store"
+    )
+    msg = error_of(None, teacher={"role": "observer"})
+    assert "teacher.role" in msg and "'both', 'trainer' or 'labeler'" in msg
+    assert "teacher.pool.max_lead_versions" in error_of(None, teacher={"pool": {"max_lead_versions": 0}})
+
+
 def test_bad_task_name_pattern():
     assert "tasks.0.name" in error_of(None, tasks=[{"name": "has space"}])
 

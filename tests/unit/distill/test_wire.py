@@ -7,7 +7,7 @@ import pytest
 
 import schemas
 from distill.exceptions import DecodeError
-from distill.wire import SCHEMA_HEADER, Codec, LabelBatch, ids_checksum
+from distill.wire import SCHEMA_HEADER, CheckpointAnnouncement, Codec, LabelBatch, ids_checksum
 
 
 def assert_batches_equal(a, b) -> None:
@@ -135,6 +135,32 @@ def test_dead_letter_round_trip(codec):
         "payload": b"\x00\xffraw",
     }
     assert codec.decode_dead_letter(*codec.encode_dead_letter(record)) == record
+
+
+def test_announcement_round_trip(codec):
+    a = CheckpointAnnouncement(
+        version=7,
+        uri="file:///store/teacher-000000000007.pt",
+        sha256="ab" * 32,
+        watermark={0: 12, 3: 40},
+        watermark_time_ms={0: 1_700_000_000_000},
+        oldest_kept=4,
+        examples_trained=13_000,
+        trainer="teacher",
+        world_size=2,
+        published_at_ms=1_700_000_000_500,
+    )
+    value, headers = codec.encode_announcement(a)
+    back = codec.decode_announcement(value, headers)
+    assert back == a
+    assert back.trained_through(3) == 40 and back.trained_through(1) == 0  # not trained on: 0
+
+
+def test_announcement_is_not_a_label(codec):
+    value, headers = codec.encode_announcement(CheckpointAnnouncement(0, "file:///x", "00", {}))
+    with pytest.raises(DecodeError) as err:
+        codec.decode_labels(value, headers)
+    assert err.value.reason == "wrong_kind"
 
 
 def test_ids_checksum_is_order_free_and_wraps():
