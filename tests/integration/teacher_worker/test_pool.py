@@ -188,3 +188,67 @@ def _wait_for(predicate, timeout: float, logs) -> None:
         time.sleep(1.0)
     tails = {p.name: p.read_text()[-2000:] for p in logs.iterdir()}
     raise AssertionError(f"not reached within {timeout}s; logs: {tails}")
+
+
+def test_a_restarted_trainer_resumes_its_checkpoint_and_announces_it_again(make_config):
+    config = pool_config(make_config)
+    produced = produce_synthetic(config, 40 * 128, batch_size=128)
+    labeler = Labeler(config)
+    before = Trainer(config, Ranks(), torch.device("cpu"))
+    before.start()
+    labeler.start()
+    run_until(lambda: before.version >= 3, [before.step, labeler.step], timeout=60)
+    for _ in range(2):  # trained after the last checkpoint: lost in the crash, trained again
+        before.step()
+    crashed_at = before.version
+    before.consumer.close()  # a crash: no final publish, no summary
+    before.producer.flush(5)
+
+    after = Trainer(config, Ranks(), torch.device("cpu"))
+    assert (
+        after.version == crashed_at and after.trained_through == before.checkpointer.load_latest()[1]["trained_through"]
+    )
+    after.start()
+    run_until(
+        lambda: (
+            sum(after.trained_through.values()) >= produced["batches"]
+            and labeler.examples_labeled >= produced["examples"]
+        ),
+        [after.step, labeler.step],
+        timeout=90,
+    )
+    after.service.stopping.set()
+    after.step()
+    after.close()
+    labeler.close()
+    versions = [a.version for a in announcements(config)]
+    assert versions.count(crashed_at) == 2 and versions == sorted(versions)  # announced again, then onwards
+    known = [a.version for a in labeler.announcements]
+    assert known == sorted(set(known))  # the labeler took the repeated announcement once
+    final = announcements(config)[-1]
+    assert final.examples_trained == produced["examples"]  # each example trained once in the kept model
+    labels = read_labels(config)
+    assert {lb.batch_id for _, _, lb in labels} == set(example_batch_ids(config))
+    assert all(lb.watermark <= lb.source_offset for _, _, lb in labels)
+
+
+def test_a_corrupt_checkpoint_falls_back_to_an_older_out_of_sample_one(make_config):
+    config = pool_config(make_config)
+    produced = produce_synthetic(config, 30 * 128, batch_size=128)
+    trainer = Trainer(config, Ranks(), torch.device("cpu"))
+    trainer.start()
+    run_until(lambda: trainer.version >= 2, [trainer.step], timeout=60)
+    trainer.pause_wanted = True  # hold the trainer: the newest checkpoint stays the corrupt one
+    trainer.step()
+    broken = trainer.store.path(trainer.version)
+    broken.write_bytes(broken.read_bytes()[:-100])
+    labeler = Labeler(config)
+    labeler.start()
+    run_until(lambda: labeler.examples_labeled >= produced["examples"], [labeler.step], timeout=60)
+    labeler.close()
+    assert m.TEACHER_RELOADS.labels(labeler.name, "failed")._value.get() >= 1
+    labels = read_labels(config)
+    assert {lb.batch_id for _, _, lb in labels} == set(example_batch_ids(config))
+    assert {lb.teacher_version for _, _, lb in labels} <= set(range(trainer.version))  # never the corrupt one
+    assert all(lb.watermark <= lb.source_offset for _, _, lb in labels)
+    trainer.close()
