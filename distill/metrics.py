@@ -83,7 +83,7 @@ TEACHER_STALENESS_SECONDS = Histogram(
     "distill_teacher_label_staleness_seconds",
     "Kafka time of the labelled batch minus that of the last batch its checkpoint trained on",
     ["teacher"],
-    buckets=DELAY_BUCKETS,
+    buckets=(*DELAY_BUCKETS, 600, 1800, 3600, 7200),  # a lagging pool is minutes to hours stale
 )
 TEACHER_RELOADS = Counter(
     "distill_teacher_reloads_total",

@@ -267,18 +267,20 @@ class Trainer:
     def _train_step(self, batch: ExampleBatch | None, total_examples: int) -> None:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
+        finite = True
         if batch is not None:
             cat, dense, labels = batch_tensors([batch], self.device)
             with autocast(self.device):
                 main, _ = self.model(cat, dense)
             losses = hard_losses(main, labels, self.kinds)
             loss = torch.stack(losses).sum()
+            finite = bool(torch.isfinite(loss).item())
             # Weighted by batch size, so the summed gradient is the mean over every example.
             (loss * (batch.size / total_examples)).backward()
             self.evaluator.update("main", main.detach().float().cpu().numpy(), labels.cpu().numpy())
             for name, value in zip(self.task_names, losses, strict=False):
                 m.TEACHER_LOSS.labels(self.name, name).set(value.item())
-        if not self._reduce_gradients():
+        if not self._reduce_gradients(finite):
             m.TEACHER_NAN.labels(self.name).inc()
             log.warning("non-finite gradient: training step skipped on every rank")
             return
@@ -287,12 +289,12 @@ class Trainer:
             self.examples_trained += batch.size
             m.TEACHER_TRAINED.labels(self.name).inc(batch.size)
 
-    def _reduce_gradients(self) -> bool:
+    def _reduce_gradients(self, local_loss_finite: bool) -> bool:
         """Sum the ranks' gradients in one all-reduce; False (on every rank) if not finite."""
+        if self.ranks.world == 1:
+            return local_loss_finite
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if self.ranks.world == 1:
-            return all(torch.isfinite(g).all().item() for g in grads)
         flat = self.ranks.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
         if not torch.isfinite(flat).all().item():
             return False

@@ -102,6 +102,30 @@ def test_dashboard_shows_what_operators_need():
         assert beside, f"no panel shows students' {metric} beside the teacher's"
 
 
+def test_dashboard_shows_the_teacher_pool():
+    d = dashboard()
+    top = d["panels"]
+    (start,) = [i for i, p in enumerate(top) if p["type"] == "row" and p["title"] == "Teacher pool"]
+    end = next((i for i in range(start + 1, len(top)) if top[i]["type"] == "row"), len(top))
+    row = top[start + 1 : end] + top[start].get("panels", [])
+    exprs = [t["expr"] for p in row for t in p["targets"]]
+    text = " ".join(exprs)
+    for metric in (
+        "distill_teacher_version",  # checkpoint version per teacher worker
+        "distill_teacher_trainer_lead_versions",
+        "distill_teacher_trainer_lead_batches",
+        "distill_teacher_trainer_paused",
+        "distill_teacher_reloads_total",
+    ):
+        assert metric in text, f"the Teacher pool row does not show {metric}"
+    assert "by (teacher)" in next(e for e in exprs if "distill_teacher_version" in e), "one line per worker"
+    assert "by (source)" in next(e for e in exprs if "distill_teacher_reloads_total" in e), "reloads by source"
+    staleness = [e for e in exprs if "distill_teacher_label_staleness_seconds_bucket" in e]
+    for q in ("0.5", "0.99"):
+        assert any(f"histogram_quantile({q}," in e for e in staleness), f"label staleness p{q}"
+    assert any("histogram_quantile(0.99," in e and "distill_teacher_reload_seconds_bucket" in e for e in exprs)
+
+
 def _as_promql(expr: str) -> str:
     for k, v in VARIABLES.items():
         expr = expr.replace(k, v)

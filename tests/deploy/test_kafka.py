@@ -159,6 +159,18 @@ def test_workers_config_agrees_with_the_kafka_they_are_deployed_with(app_overlay
             assert _allows(acls, "topic", name, "Write"), f"ACL Write on topic {name}"
         assert _allows(acls, "group", cfg.teacher.group_id, "Read")
         assert _allows(acls, "transactionalId", f"{cfg.teacher.group_id}.{cfg.teacher.name}", "Write")
+        # The pool: labelers consume in their group, each with its own transactional id (from
+        # its pod name); the trainer reads the group's offsets; checkpoints are announced.
+        pool = cfg.teacher.pool
+        if cfg.teacher.role == "labeler":
+            assert _allows(acls, "group", pool.labeler_group_id, "Read"), f"ACL Read on group {pool.labeler_group_id}"
+            assert _allows(acls, "transactionalId", f"{pool.labeler_group_id}.{cfg.teacher.name}", "Write")
+        if cfg.teacher.role in ("trainer", "labeler"):
+            assert _allows(acls, "group", pool.labeler_group_id, "Describe"), "offsets of the labelers' group"
+            spec = topics[t.checkpoints]["spec"]
+            assert spec["partitions"] == 1, "announcements are read in order: one partition"
+            for op in ("Describe", "Read", "Write"):
+                assert _allows(acls, "topic", t.checkpoints, op), f"ACL {op} on topic {t.checkpoints}"
         for s in cfg.students:
             assert _allows(acls, "group", s.group_id, "Read"), f"ACL Read on group {s.group_id}"
         assert _allows(acls, "cluster", "", "IdempotentWrite")

@@ -19,19 +19,28 @@ from tests.deploy.support import (
     APP_OVERLAYS,
     CONFIG_PATH,
     K8S,
+    TEACHER_OPTIONS,
     base_config_toml,
+    container_environ,
     containers,
     effective_config,
+    example_pod_name,
     main_container,
-    named,
     of_kind,
     pod_spec,
+    ranks,
+    scaled_objects,
+    torchrun,
 )
 
 # The oldest Kubernetes these manifests are meant for, and the newest the schemas know.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-CRD_GROUPS = ("monitoring.coreos.com/", "kafka.strimzi.io/")
+CRD_GROUPS = ("monitoring.coreos.com/", "kafka.strimzi.io/", "keda.sh/")
 STUDENTS = ("none", "direct", "aux")
+# The teacher's processes (teacher.role) in each overlay: one role-both process in dev, a
+# trainer and a pool of labelers in prod.
+TEACHER_ROLES = {"dev": {"both"}, "prod": {"trainer", "labeler"}}
+POOL_OVERLAYS = [o for o in APP_OVERLAYS if TEACHER_ROLES[o] == {"trainer", "labeler"}]
 SECRET_WORDS = re.compile(r"PASSWORD|SECRET|TOKEN|PRIVATE|CREDENTIAL|_KEY\b|APIKEY", re.I)
 
 
@@ -45,6 +54,23 @@ def role_of(deployment: dict[str, Any]) -> str:
 
 def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def teachers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in workers(docs) if role_of(d) == "teacher"]
+
+
+def metrics_ports(container: dict[str, Any]) -> dict[str, int]:
+    """The container's metrics ports by name: "metrics", and "metrics-rank<r>" of torchrun rank r."""
+    return {p["name"]: p["containerPort"] for p in container["ports"] if p["name"].startswith("metrics")}
+
+
+def volume_of(workload: dict[str, Any], mount_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(mount, volume) of what the main container mounts at mount_path."""
+    mounts = {m["mountPath"]: m for m in main_container(workload)["volumeMounts"]}
+    assert mount_path in mounts, f"{workload['metadata']['name']}: nothing mounted at {mount_path}"
+    volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+    return mounts[mount_path], volumes[mounts[mount_path]["name"]]
 
 
 # -- builds and schemas ------------------------------------------------------------------------
@@ -110,21 +136,37 @@ def test_prometheus_operator_resources_validate_against_their_models(app_overlay
 # -- one process per consumer group ---------------------------------------------------------------
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
 def test_one_single_replica_recreate_deployment_per_worker(app_overlays, overlay, tmp_path):
+    """Every worker is one Recreate replica, except the labelers: they share one consumer group,
+    keep no state, and KEDA sets their number."""
     docs = app_overlays[overlay]
+    scaled = scaled_objects(docs)
     roles: dict[str, list[str]] = {}
+    teacher_roles: dict[str, list[str]] = {}
     for d in workers(docs):
-        assert d["spec"]["replicas"] == 1, f"{d['metadata']['name']}: one process owns each consumer group"
-        assert d["spec"]["strategy"] == {"type": "Recreate"}, (
-            f"{d['metadata']['name']}: a rollout must not run two at once"
-        )
+        name = d["metadata"]["name"]
         args = main_container(d)["args"]
+        role = effective_config(docs, d, tmp_path).teacher.role if args[0] == "teacher" else None
+        if role:
+            teacher_roles.setdefault(role, []).append(name)
+        if role == "labeler":
+            assert name in scaled, f"{name}: the labelers are scaled by a KEDA ScaledObject"
+            assert "replicas" not in d["spec"], f"{name}: KEDA owns the replica count; an apply must not reset it"
+            assert d["spec"]["strategy"]["type"] == "RollingUpdate", f"{name}: no state, so no need to Recreate"
+        else:
+            assert name not in scaled, f"{name}: only labelers may be scaled out"
+            assert d["spec"]["replicas"] == 1, f"{name}: one process owns each consumer group"
+            assert d["spec"]["strategy"] == {"type": "Recreate"}, f"{name}: a rollout must not run two at once"
         roles.setdefault(args[0], []).append(args[args.index("--name") + 1] if "--name" in args else "")
         assert args[args.index("--config") + 1] == CONFIG_PATH
     assert sorted(roles) == ["produce", "student", "teacher"]
-    assert len(roles["teacher"]) == 1 and len(roles["produce"]) == 1
+    assert len(roles["produce"]) == 1
+    # One Deployment per teacher role: the role-both teacher, or the trainer and the labeler pool.
+    assert set(teacher_roles) == TEACHER_ROLES[overlay]
+    assert all(len(names) == 1 for names in teacher_roles.values()), teacher_roles
+    assert set(scaled) == set(teacher_roles.get("labeler", [])), "a ScaledObject for the labelers, and only them"
     assert sorted(roles["student"]) == sorted(STUDENTS)
     # Every configured student has its Deployment, and every Deployment's student is configured.
-    cfg = effective_config(docs, named(docs, "Deployment", "distill-teacher"), tmp_path)
+    cfg = effective_config(docs, teachers(docs)[0], tmp_path)
     assert sorted(s.name for s in cfg.students) == sorted(roles["student"])
     modes = {s.name: s.mode for s in cfg.students}
     assert modes == {"none": "none", "direct": "direct", "aux": "aux"}
@@ -137,34 +179,49 @@ def _cli_command(name: str) -> Any:
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
 def test_container_commands_exist_in_the_cli(app_overlays, overlay):
-    pending = []
+    teacher = _cli_command("teacher")
+    teacher_options = {o for p in teacher.params for o in getattr(p, "opts", [])}
+    assert set(TEACHER_OPTIONS) <= teacher_options, "support.TEACHER_OPTIONS names options the CLI lacks"
     for d in workers(app_overlays[overlay]):
-        args = main_container(d)["args"]
+        c = main_container(d)
+        # Either the image's entrypoint (distill) or torchrun running `-m distill` (= the CLI)
+        # with the same arguments; torch's own parser checks torchrun's options.
+        torchrun(c)
+        args = c["args"]
         command = _cli_command(args[0])
-        if command is None and args[0] == "produce":
-            pending.append(args[0])  # being written; checked once it is there
-            continue
         assert command is not None, f"{d['metadata']['name']}: `distill {args[0]}` does not exist"
         options = {o for p in command.params for o in getattr(p, "opts", [])}
         for arg in args[1:]:
             if arg.startswith("--"):
                 assert arg in options, f"`distill {args[0]}` has no option {arg}; it has {sorted(options)}"
-    if pending:
-        pytest.xfail(f"`distill {pending[0]}` is not in the CLI yet")
 
 
 # -- configuration --------------------------------------------------------------------------------
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
 def test_config_map_is_a_valid_config_for_every_worker(app_overlays, overlay, tmp_path):
     docs = app_overlays[overlay]
+    roles = set()
     for d in workers(docs):
         cfg = effective_config(docs, d, tmp_path)  # raises ConfigError if invalid
         assert isinstance(cfg, Config)
         c = main_container(d)
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod_spec(d)["volumes"]}
-        # State lives on the worker's volume, the CA file on a mounted Secret.
-        assert "persistentVolumeClaim" in volumes[mounts[str(cfg.state_dir)]]
+        args = c["args"]
+        if args[0] == "teacher":
+            # --role wins over the config, which defaults to both; only the trainer runs under torchrun.
+            expected = args[args.index("--role") + 1] if "--role" in args else "both"
+            assert cfg.teacher.role == expected, f"{d['metadata']['name']}: loads as role {cfg.teacher.role}"
+            if torchrun(c) is not None:
+                assert cfg.teacher.role == "trainer", f"{d['metadata']['name']}: only the trainer has ranks"
+            roles.add(cfg.teacher.role)
+        # State lives on the worker's volume (a labeler has none worth keeping: scratch), the CA
+        # file on a mounted Secret.
+        state = volumes[mounts[str(cfg.state_dir)]]
+        if args[0] == "teacher" and cfg.teacher.role == "labeler":
+            assert "emptyDir" in state, "a labeler's replicas cannot share one ReadWriteOnce volume"
+        else:
+            assert "persistentVolumeClaim" in state
         if cfg.kafka.ssl_ca_location:
             ca_dir = str(Path(cfg.kafka.ssl_ca_location).parent)
             assert "secret" in volumes[mounts[ca_dir]], "kafka.ssl_ca_location must be on a mounted Secret"
@@ -174,10 +231,12 @@ def test_config_map_is_a_valid_config_for_every_worker(app_overlays, overlay, tm
             port = cfg.student(c["args"][c["args"].index("--name") + 1]).metrics_port
         else:
             port = {"teacher": cfg.teacher, "producer": cfg.producer}[role].metrics_port
-        (metrics,) = [p for p in c["ports"] if p["name"] == "metrics"]
-        assert metrics["containerPort"] == port, f"{d['metadata']['name']}: {role} metrics_port is {port}"
+        # torchrun rank r serves metrics_port + r.
+        expected_ports = {("metrics" if r == 0 else f"metrics-rank{r}"): port + r for r in range(ranks(c))}
+        assert metrics_ports(c) == expected_ports, f"{d['metadata']['name']}: {role} metrics_port is {port}"
         if role == "student":
             assert str(cfg.state_dir / "models") in mounts, "exported models go to the shared models volume"
+    assert roles == TEACHER_ROLES[overlay]
 
 
 def test_base_config_file_loads_as_is(tmp_path):
@@ -190,24 +249,103 @@ def test_base_config_file_loads_as_is(tmp_path):
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
 def test_teacher_device_matches_the_overlay(app_overlays, overlay, tmp_path):
     docs = app_overlays[overlay]
-    teacher = named(docs, "Deployment", "distill-teacher")
-    cfg = effective_config(docs, teacher, tmp_path)
-    resources = main_container(teacher)["resources"]
     gpu = "nvidia.com/gpu"
-    if overlay == "prod":
-        assert cfg.teacher.device == "cuda"
-        assert resources["requests"][gpu] == resources["limits"][gpu] == "1"
-        spec = pod_spec(teacher)
-        assert any(t["key"] == gpu for t in spec["tolerations"])
-        assert spec["nodeSelector"], "the GPU teacher must be pinned to GPU nodes"
-        assert main_container(teacher)["image"].endswith("-cuda")
-    else:
-        assert cfg.teacher.device == "cpu"
-        assert gpu not in resources.get("requests", {}) and gpu not in resources.get("limits", {})
+    assert teachers(docs)
+    for teacher in teachers(docs):
+        name = teacher["metadata"]["name"]
+        cfg = effective_config(docs, teacher, tmp_path)
+        c = main_container(teacher)
+        resources = c["resources"]
+        if overlay == "prod":
+            assert cfg.teacher.device == "cuda", name
+            # One GPU per process: each torchrun rank of the trainer, a labeler's one.
+            assert resources["requests"][gpu] == resources["limits"][gpu] == str(ranks(c)), name
+            spec = pod_spec(teacher)
+            assert any(t["key"] == gpu for t in spec["tolerations"]), name
+            assert spec["nodeSelector"], f"{name}: a GPU teacher must be pinned to GPU nodes"
+            assert c["image"].endswith("-cuda"), name
+        else:
+            assert cfg.teacher.device == "cpu", name
+            assert gpu not in resources.get("requests", {}) and gpu not in resources.get("limits", {}), name
     for d in workers(docs):
-        if d is not teacher:
+        if role_of(d) != "teacher":
             assert gpu not in main_container(d)["resources"].get("limits", {})
             assert main_container(d)["image"].endswith("-cpu")
+
+
+@pytest.mark.parametrize("overlay", APP_OVERLAYS)
+def test_trainer_ranks_share_the_pod_and_stop_in_time(app_overlays, overlay):
+    stop_deadline = inspect.signature(Service).parameters["stop_deadline_s"].default
+    trainers = [d for d in workers(app_overlays[overlay]) if torchrun(main_container(d)) is not None]
+    assert bool(trainers) == (overlay in POOL_OVERLAYS)
+    for d in trainers:
+        c = main_container(d)
+        name = d["metadata"]["name"]
+        parsed = torchrun(c)
+        # One pod: --standalone (a multi-node trainer is the user's, deploy/README.md).
+        assert parsed.standalone and parsed.nnodes in ("1", "1:1"), name
+        # The ranks (NCCL) exchange data through /dev/shm; a container's default is 64 MiB.
+        _, shm = volume_of(d, "/dev/shm")
+        assert shm.get("emptyDir", {}).get("medium") == "Memory", f"{name}: /dev/shm must be a memory emptyDir"
+        # On SIGTERM torchrun SIGKILLs its ranks after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s by
+        # default): they need stop_deadline_s, and the pod's grace period must cover torchrun's.
+        env = {e["name"]: e for e in c["env"]}
+        timeout = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"])
+        assert timeout >= stop_deadline + 10, f"{name}: ranks get {timeout} s to checkpoint"
+        assert pod_spec(d)["terminationGracePeriodSeconds"] >= timeout + 30, name
+        # Threads per rank: not every rank one per CPU of the whole limit.
+        omp = env["OMP_NUM_THREADS"]
+        if "value" in omp:
+            assert int(omp["value"]) * ranks(c) <= int(c["resources"]["limits"]["cpu"]), name
+
+
+@pytest.mark.parametrize("overlay", POOL_OVERLAYS)
+def test_trainer_and_labelers_share_the_model_store(app_overlays, overlay, tmp_path):
+    docs = app_overlays[overlay]
+    pool = {}
+    for d in teachers(docs):
+        cfg = effective_config(docs, d, tmp_path)
+        pool.setdefault(cfg.teacher.role, []).append((d, cfg))
+    claims = {p["metadata"]["name"]: p for p in of_kind(docs, "PersistentVolumeClaim")}
+    stores = set()
+    for role, found in pool.items():
+        for d, cfg in found:
+            name = d["metadata"]["name"]
+            # The store is where the config (after the pod's environment) looks for it.
+            mount, volume = volume_of(d, str(cfg.model_store()))
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            stores.add(claim)
+            if role == "trainer":
+                assert not mount.get("readOnly") and not volume["persistentVolumeClaim"].get("readOnly"), (
+                    f"{name}: the trainer publishes to the store"
+                )
+            else:
+                assert mount.get("readOnly") is True, f"{name}: labelers read the store only"
+                assert volume["persistentVolumeClaim"].get("readOnly") is True, name
+            # A volume of its own, not the worker's state claim.
+            assert claim not in {
+                v["persistentVolumeClaim"]["claimName"]
+                for v in pod_spec(d)["volumes"]
+                if v["name"] == "state" and "persistentVolumeClaim" in v
+            }
+    assert set(pool) == {"trainer", "labeler"}
+    (store,) = stores
+    assert "ReadWriteMany" in claims[store]["spec"]["accessModes"], "the labelers run on other nodes"
+
+
+@pytest.mark.parametrize("overlay", POOL_OVERLAYS)
+def test_labeler_name_is_the_pod_name(app_overlays, overlay, tmp_path):
+    docs = app_overlays[overlay]
+    labelers = [d for d in teachers(docs) if effective_config(docs, d, tmp_path).teacher.role == "labeler"]
+    assert labelers
+    for d in labelers:
+        c = main_container(d)
+        env = {e["name"]: e for e in c["env"]}
+        # Unique per replica (its transactional id is derived from it): the downward API, no --name.
+        assert env["DISTILL_TEACHER__NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert "--name" not in c["args"]
+        assert container_environ(c, "p-1")["DISTILL_TEACHER__NAME"] == "p-1"
+        assert effective_config(docs, d, tmp_path).teacher.name == example_pod_name(d), "a pod name is a valid name"
 
 
 # -- hardening ------------------------------------------------------------------------------------
@@ -288,14 +426,17 @@ def test_every_referenced_volume_claim_and_config_map_exists(app_overlays, overl
                 assert v["configMap"]["name"] in maps
         assert pod_spec(d)["serviceAccountName"] in {s["metadata"]["name"] for s in of_kind(docs, "ServiceAccount")}
     assert used_claims == claims, f"unused claims: {claims - used_claims}"
-    # Each worker's own state volume is used by that worker alone.
-    state = [
-        v["persistentVolumeClaim"]["claimName"]
-        for d in workers(docs)
-        for v in pod_spec(d)["volumes"]
-        if v["name"] == "state"
-    ]
-    assert len(state) == len(set(state)) == len(workers(docs))
+    # Each worker's own state volume is used by that worker alone; the KEDA-scaled labelers
+    # (many replicas) keep scratch in an emptyDir instead.
+    scaled = scaled_objects(docs)
+    state = []
+    for d in workers(docs):
+        (volume,) = [v for v in pod_spec(d)["volumes"] if v["name"] == "state"]
+        if d["metadata"]["name"] in scaled:
+            assert "emptyDir" in volume, f"{d['metadata']['name']}: replicas cannot share a state claim"
+        else:
+            state.append(volume["persistentVolumeClaim"]["claimName"])
+    assert len(state) == len(set(state)) == len(workers(docs)) - len(scaled)
 
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
@@ -312,7 +453,12 @@ def test_services_and_service_monitor_reach_every_worker(app_overlays, overlay):
         (svc,) = mine
         assert labels_match(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
         ports = {p["name"]: p for p in svc["spec"]["ports"]}
-        assert "metrics" in ports and "metrics" in endpoint_ports
+        # Every metrics port: "metrics", and each further torchrun rank's.
+        container_ports = metrics_ports(main_container(d))
+        assert "metrics" in container_ports
+        for name, number in container_ports.items():
+            assert name in ports and name in endpoint_ports, f"{d['metadata']['name']}: {name} is not scraped"
+            assert ports[name]["targetPort"] in (name, number)
         assert svc["spec"].get("publishNotReadyAddresses") is True, "scrape workers that are not ready too"
 
 
@@ -337,9 +483,11 @@ def test_network_policy_selects_every_worker_and_allows_kafka_dns_and_scrapes(ap
     (policy,) = of_kind(docs, "NetworkPolicy")
     spec = policy["spec"]
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    admitted = {p["port"] for rule in spec["ingress"] for p in rule["ports"]}
     for d in workers(docs):
         assert labels_match(spec["podSelector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"])
-    assert any(p["port"] in ("metrics", 9100) for rule in spec["ingress"] for p in rule["ports"])
+        for name, number in metrics_ports(main_container(d)).items():
+            assert name in admitted or number in admitted, f"{d['metadata']['name']}: scrapes of {name} blocked"
     egress_ports = {p["port"] for rule in spec["egress"] for p in rule.get("ports", [])}
     assert 53 in egress_ports
     (kafka,) = of_kind(kafka_overlays[KAFKA_FOR[overlay]], "Kafka")

@@ -36,6 +36,8 @@ REQUIRED_ALERTS = {
     "DistillStudentCheckpointTooOld",
     "DistillDeadLetters",  # dead letters arriving
     "DistillStudentWorseThanBaseline",  # progressive logloss worse than the none student
+    "DistillTeacherTrainerHeldBack",  # the trainer paused by the lead bound: labelers cannot keep up
+    "DistillTeacherLabelsStale",  # labels from a checkpoint far behind their examples
 }
 
 
@@ -117,7 +119,7 @@ def test_example_prometheus_config_is_valid(promtool, tmp_path):
     assert config["rule_files"] == ["rules.yaml"]
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
     keep = jobs["online-distill"]["relabel_configs"][0]
-    assert keep["action"] == "keep" and keep["regex"] == "distill;metrics"
+    assert keep["action"] == "keep" and keep["regex"] == "distill;metrics(-rank[0-9]+)?", "metrics, trainer ranks"
     path = tmp_path / "prometheus.yml"
     (tmp_path / "rules.yaml").write_text(RULES.read_text())
     path.write_text(yaml.safe_dump(config))
@@ -136,3 +138,37 @@ def test_label_delay_alert_fires_before_labels_miss_their_batch():
     (threshold,) = re.findall(r">\s*([0-9.]+)\s*$", alerts()["DistillLabelDelayHigh"]["expr"].strip())
     cfg = load_config(K8S / "base" / "config.toml", environ={})
     assert float(threshold) < min(s.label_wait_s for s in cfg.students)
+
+
+def _histogram_bounds() -> dict[str, list[float]]:
+    """Finite bucket bounds of every histogram distill/metrics.py defines, by metric name."""
+    from prometheus_client import Histogram
+
+    from distill import metrics
+
+    return {
+        m._name: [b for b in m._upper_bounds if b != float("inf")]
+        for m in vars(metrics).values()
+        if isinstance(m, Histogram)
+    }
+
+
+def test_quantile_alerts_can_reach_their_threshold():
+    """histogram_quantile never returns more than the largest finite bucket bound, so an alert
+    on a quantile above it can never fire."""
+    bounds = _histogram_bounds()
+    recorded = {r["record"]: r["expr"] for r in rules() if "record" in r}
+    unreachable = []
+    checked = 0
+    for name, rule in alerts().items():
+        match = re.fullmatch(r"(distill:[a-z0-9_:]+)\s*>\s*([0-9.]+)", rule["expr"].strip())
+        if not match or "histogram_quantile" not in recorded.get(match.group(1), ""):
+            continue
+        (bucket,) = re.findall(r"\b(distill_[a-z0-9_]+)_bucket\b", recorded[match.group(1)])
+        threshold = float(match.group(2))
+        checked += 1
+        if max(bounds[bucket]) <= threshold:
+            unreachable.append(f"{name}: {bucket} buckets end at {max(bounds[bucket])}, the alert is at {threshold}")
+    assert checked >= 2
+    # The buckets are distill/metrics.py's: a threshold past the last one can never fire.
+    assert not unreachable, "; ".join(unreachable)

@@ -1,0 +1,121 @@
+"""The teacher pool: labelled examples/s with one and with two labelers, and the trainer's
+training rate beside the single-process teacher's.
+
+* **labelers**: a fresh broker per run. A trainer in this process publishes version 0 (the
+  default teacher model) and stops; N ``distill teacher --role labeler`` processes start
+  (OMP_NUM_THREADS=1) and are waited for on ``/readyz``, which answers 200 once a labeler has
+  partitions, so the group has settled. Then the synthetic stream is produced and the rate is
+  the examples over the seconds from the start of producing to the last label, counted from
+  the labelers' ``/metrics``. The ratio is two labelers over one, measured one after the other
+  in this run. On a machine with fewer cores than labelers + broker + producer the labelers
+  compete for the CPUs and the ratio shows that, not the scaling of one GPU per labeler.
+* **trainer vs teacher**: in this process, on one stream: the trainer (one process, no
+  torchrun) steps until it trained every example; the role-both teacher until it labelled and
+  trained every example. Ratio trainer over teacher, each the mean of a run before and after.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from bench.bench_pipeline import Run
+from bench.workers import stream, timed_steps
+from distill.broker import EmbeddedBroker
+from teacher_worker.ranks import Ranks
+from teacher_worker.trainer import Trainer
+from teacher_worker.worker import TeacherWorker
+
+LABEL_EXAMPLES = 200_000
+TRAIN_EXAMPLES = 40_000
+_LABELLED = re.compile(r'^distill_teacher_examples_labeled_total\{teacher="[^"]+"\} (\S+)$', re.M)
+
+
+def labelled(children) -> float:
+    total = 0.0
+    for child in children:
+        with urllib.request.urlopen(f"http://127.0.0.1:{child.port}/metrics", timeout=2) as r:
+            total += sum(float(v) for v in _LABELLED.findall(r.read().decode()))
+    return total
+
+
+def labelers_rate(count: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker:
+        run = Run(broker, Path(tmp) / "state", LABEL_EXAMPLES)
+        try:
+            trainer = Trainer(run.local_config(), Ranks(), torch.device("cpu"))
+            trainer.start()  # announces version 0
+            trainer.close()
+            children = [
+                run.spawn("teacher", f"labeler-{i}", "--role", "labeler", "--name", f"labeler-{i}")
+                for i in range(count)
+            ]
+            run.wait_ready(children)
+            started = time.perf_counter()
+            run.produce()
+            deadline = time.monotonic() + 300
+            while labelled(children) < LABEL_EXAMPLES:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{count} labelers did not label the stream within 300 s")
+                time.sleep(0.05)
+            return LABEL_EXAMPLES / (time.perf_counter() - started)
+        finally:
+            run.stop()
+
+
+def trainer_rate(cfg) -> float:
+    trainer = Trainer(cfg, Ranks(), torch.device("cpu"))
+    trainer.start()
+
+    def step() -> bool:
+        before = trainer.examples_trained
+        trainer.step()
+        return trainer.examples_trained > before
+
+    seconds = timed_steps(step, lambda: trainer.examples_trained >= TRAIN_EXAMPLES)
+    trainer.close()
+    return TRAIN_EXAMPLES / seconds
+
+
+def teacher_rate(cfg) -> float:
+    teacher = TeacherWorker(cfg)
+    teacher.start()
+
+    def step() -> bool:
+        before = teacher.examples_labeled
+        teacher.step()
+        return teacher.examples_labeled > before
+
+    seconds = timed_steps(step, lambda: teacher.examples_trained >= TRAIN_EXAMPLES)
+    teacher.close()
+    return TRAIN_EXAMPLES / seconds
+
+
+def run() -> list[dict]:
+    one = labelers_rate(1)
+    two = labelers_rate(2)
+    rates: dict[str, list[float]] = {"trainer": [], "teacher": []}
+    for _ in range(2):
+        with stream(TRAIN_EXAMPLES) as cfg:
+            # Its own name, so its own checkpoints: each worker reads the stream from the start.
+            named = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"name": "trainer"})})
+            rates["trainer"].append(trainer_rate(named))
+            rates["teacher"].append(teacher_rate(cfg))
+    trainer, teacher = (sum(v) / len(v) for v in (rates["trainer"], rates["teacher"]))
+    return [
+        {"name": "one labeler", "value": one, "unit": "examples/s"},
+        {"name": "two labelers", "value": two, "unit": "examples/s", "ratio": two / one, "vs": "one labeler"},
+        {
+            "name": "trainer (role trainer)",
+            "value": trainer,
+            "unit": "examples/s",
+            "ratio": trainer / teacher,
+            "vs": "single-process teacher (role both)",
+        },
+        {"name": "single-process teacher", "value": teacher, "unit": "examples/s"},
+    ]
