@@ -249,6 +249,9 @@ def up(
     state_dir: Annotated[
         Optional[Path], typer.Option(help="Checkpoints, models, logs (state_dir); wiped at start.")
     ] = None,
+    labelers: Annotated[
+        int, typer.Option(min=0, help="0: one teacher process. N: the teacher at scale, a trainer and N labelers.")
+    ] = 0,
 ) -> None:
     """Run the whole pipeline locally: broker, producer, teacher, students; then a report."""
     from distill.up import run_up
@@ -269,6 +272,7 @@ def up(
             report_dir=report,
             bootstrap=bootstrap,
             prometheus=prometheus,
+            labelers=labelers,
         )
     except DistillError as exc:
         _fail(exc)

@@ -48,14 +48,19 @@ class LiveView:
             examples = (
                 s.get("examples_trained")
                 if child.role == "student"
-                else (s.get("examples_labeled") if child.role == "teacher" else s.get("examples"))
+                else (
+                    s.get("examples_labeled", s.get("examples_trained"))
+                    if child.role == "teacher"
+                    else s.get("examples")
+                )
             )
             join = "-"
             if child.role == "student":
                 join = "/".join(_fmt(s.get(k, 0)) for k in ("joined", "missing", "late", "duplicate"))
             state = "running" if child.poll() is None else f"exited {child.exit_code}"
+            kind = child.extra.get("mode") or child.extra.get("teacher_role")
             table.add_row(
-                f"{child.role} {child.name}" + (f" ({child.extra['mode']})" if "mode" in child.extra else ""),
+                f"{child.role} {child.name}" + (f" ({kind})" if kind else ""),
                 _fmt(examples),
                 _fmt(s.get("examples_per_s") or s.get("rate"), 0),
                 _fmt(s.get("coverage"), 2),

@@ -25,6 +25,16 @@ def _markdown(report: dict) -> str:
         f"{report['examples_produced']:,} examples in {report['duration_s']:.0f} s; "
         f"teacher labelled {report['teacher']['examples_labeled']:,}.",
         "",
+    ]
+    pool = report["teacher"].get("pool")
+    if pool:
+        per = ", ".join(f"{name} {s['examples_labeled']:,}" for name, s in pool["labelers"].items())
+        lines += [
+            f"Teacher at scale: the trainer trained {pool['examples_trained']:,} examples and published "
+            f"{pool['versions_published']} checkpoints; labelled by {per}.",
+            "",
+        ]
+    lines += [
         "Progressive (predict-before-train) metrics of the serving head over the whole stream.",
         "",
     ]
@@ -91,7 +101,7 @@ def _plot(report: dict, progress_dir: Path, target: Path) -> None:
             values = rec.get("metrics", {}).get(task, {}).get("main", {}).get("windowed", {})
             if values.get(metric) is None:
                 continue
-            xs.append(rec.get(x_key, 0))
+            xs.append(rec.get(x_key, rec.get("examples_trained", 0)))  # a pool's trainer labels nothing
             ys_metric.append(values[metric])
             ys_auc.append(values.get("auc"))
         axes[0].plot(xs, ys_metric, label=label, lw=2 if role == "teacher" else 1.2)

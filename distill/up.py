@@ -1,7 +1,8 @@
 """``distill up``: the whole pipeline on one machine, as separate processes.
 
 Starts the embedded broker (unless ``--bootstrap``), creates the topics, runs a producer, the
-teacher and every configured student, shows live progress on a terminal, and when the producer
+teacher (one process, or with ``--labelers N`` a trainer and N labelers) and every configured
+student, shows live progress on a terminal, and when the producer
 is done and every student has trained every example (or at ``--duration``) stops them
 gracefully and writes the report. A child that dies takes the run down with its log's tail.
 """
@@ -112,8 +113,10 @@ class Pipeline:
         prometheus: bool,
         live: bool | None = None,
         producer_args: list[str] | None = None,
+        labelers: int = 0,
     ):
         self.config = config
+        self.labelers = labelers
         self.source = source
         self.examples = examples
         self.duration = duration
@@ -151,16 +154,25 @@ class Pipeline:
         py = [sys.executable, "-m", "distill"]
         logs = self.config.state_dir / "logs"
         kids = []
-        port = free_port()
-        kids.append(
-            Child(
+        teachers = [(self.config.teacher.name, "both")]
+        if self.labelers:
+            teachers = [(self.config.teacher.name, "trainer")]
+            teachers += [(f"labeler-{i}", "labeler") for i in range(self.labelers)]
+        for name, role in teachers:
+            port = free_port()
+            args = [
                 "teacher",
-                self.config.teacher.name,
-                py + ["teacher", "--config", str(config_path), "--metrics-port", str(port)],
-                port,
-                logs / "teacher.log",
-            )
-        )
+                "--role",
+                role,
+                "--name",
+                name,
+                "--config",
+                str(config_path),
+                "--metrics-port",
+                str(port),
+            ]
+            log_name = "teacher.log" if role == "both" else f"teacher-{name}.log"
+            kids.append(Child("teacher", name, py + args, port, logs / log_name, extra={"teacher_role": role}))
         for s in self.config.students:
             port = free_port()
             kids.append(
@@ -275,8 +287,9 @@ class Pipeline:
                     failed = self._wait_ready(group)
                     if failed is not None:
                         break
+            teacher = f"trainer + {self.labelers} labelers" if self.labelers else "teacher"
             print(
-                f"pipeline up on {self.bootstrap}: producer, teacher, {len(self.config.students)} students; "
+                f"pipeline up on {self.bootstrap}: producer, {teacher}, {len(self.config.students)} students; "
                 f"logs in {self.config.state_dir / 'logs'}",
                 flush=True,
             )
@@ -349,12 +362,16 @@ class Pipeline:
         produced = summary.get("examples")
         if produced is None:
             return False
-        teacher = status.get(f"teacher:{self.config.teacher.name}", {})
-        if teacher.get("examples_labeled", 0) < produced:
+        labelled = sum(status.get(f"teacher:{c.name}", {}).get("examples_labeled", 0) for c in self._labelling())
+        if labelled < produced:
             return False
         return all(
             status.get(f"student:{s.name}", {}).get("examples_trained", 0) >= produced for s in self.config.students
         )
+
+    def _labelling(self) -> list[Child]:
+        """The processes that label: the teacher, or the labelers of a pool."""
+        return [c for c in self.children if c.extra.get("teacher_role") in ("both", "labeler")]
 
     def _watch(self, started: float) -> Child | None:
         from distill.live import LiveView
@@ -402,8 +419,10 @@ class Pipeline:
             return _read_json(progress / f"{c.role}-{c.name}.summary.json") or {}
 
         producer = next(c for c in self.children if c.role == "producer")
-        teacher_child = next(c for c in self.children if c.role == "teacher")
+        # The teacher's model and metrics: the single teacher, or the pool's trainer.
+        teacher_child = next(c for c in self.children if c.extra.get("teacher_role") in ("both", "trainer"))
         ps, ts = summary(producer), summary(teacher_child)
+        labelers = {c.name: summary(c) for c in self.children if c.extra.get("teacher_role") == "labeler"}
         tasks = self.config.task_types()
 
         def task_metrics(snap: dict, head: str) -> dict:
@@ -438,11 +457,24 @@ class Pipeline:
             "bootstrap": self.bootstrap,
             "teacher": {
                 "name": teacher_child.name,
-                "examples_labeled": ts.get("examples_labeled", 0),
+                "examples_labeled": sum(summary(c).get("examples_labeled", 0) for c in self._labelling()),
                 "params": ts.get("params"),
                 "flops_per_example": ts.get("flops_per_example"),
                 "examples_per_s": ts.get("examples_per_s"),
                 "metrics": task_metrics(ts.get("metrics", {}), "main"),
+                "pool": None
+                if not labelers
+                else {
+                    "examples_trained": ts.get("examples_trained", 0),
+                    "versions_published": ts.get("version", 0),
+                    "labelers": {
+                        name: {
+                            "examples_labeled": s.get("examples_labeled", 0),
+                            "label_batches_by_version": s.get("label_batches_by_version", {}),
+                        }
+                        for name, s in labelers.items()
+                    },
+                },
             },
             "students": students,
             "processes": [
@@ -469,5 +501,8 @@ def run_up(
     prometheus: bool = False,
     live: bool | None = None,
     producer_args: list[str] | None = None,
+    labelers: int = 0,
 ) -> int:
-    return Pipeline(config, source, examples, duration, report_dir, bootstrap, prometheus, live, producer_args).run()
+    return Pipeline(
+        config, source, examples, duration, report_dir, bootstrap, prometheus, live, producer_args, labelers
+    ).run()

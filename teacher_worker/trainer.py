@@ -376,6 +376,8 @@ class Trainer:
             "world_size": self.ranks.world,
             "partitions": self.partitions,
             "version": self.version,
+            "params": self.model.param_count(),
+            "flops_per_example": self.model.flops_per_example,
             "examples_trained": self.examples_trained,
             "busy_s": self.busy_s,
             "examples_per_s": self.examples_trained / self.busy_s if self.busy_s else 0.0,

@@ -100,3 +100,24 @@ def test_prometheus_scrapes_every_process(tmp_path):
     for name, s in report["students"].items():
         assert s["examples_trained"] == report["examples_produced"] == 30000, name
         assert s["batches_trained"] == s["unique_batches_trained"] == report["batches_produced"], name
+
+
+def test_teacher_at_scale_a_trainer_and_two_labelers(tmp_path):
+    done, report = _up(tmp_path, "--source", "synthetic", "--examples", "30000", "--labelers", "2")
+    assert "trainer + 2 labelers" in done.stdout
+    teacher = report["teacher"]
+    assert teacher["examples_labeled"] == report["examples_produced"] == 30000
+    pool = teacher["pool"]
+    assert set(pool["labelers"]) == {"labeler-0", "labeler-1"}
+    # The group split the partitions: both labelled, together every example once.
+    assert all(s["examples_labeled"] > 0 for s in pool["labelers"].values())
+    assert sum(s["examples_labeled"] for s in pool["labelers"].values()) == 30000
+    assert 0 < pool["examples_trained"] <= 30000 and teacher["params"] > 0
+    for name, s in report["students"].items():
+        assert s["examples_trained"] == 30000, name
+        assert s["batches_trained"] == s["unique_batches_trained"] == report["batches_produced"], name
+        assert s["join"]["joined"] == report["batches_produced"], name  # every batch had its label
+    roles = sorted((p["role"], p["name"]) for p in report["processes"] if p["role"] == "teacher")
+    assert roles == [("teacher", "labeler-0"), ("teacher", "labeler-1"), ("teacher", "teacher")]
+    assert all(p["exit_code"] == 0 for p in report["processes"]), report["processes"]
+    assert "Teacher at scale" in (tmp_path / "report" / "report.md").read_text()
