@@ -30,7 +30,7 @@ from distill import metrics as m
 from distill.checkpoint import Checkpointer
 from distill.config import Config
 from distill.evaluation import ProgressiveEvaluator
-from distill.exceptions import DecodeError
+from distill.exceptions import CheckpointError, DecodeError
 from distill.kafka import BrokerProbe, Clients, consume_available, ensure_topics, lag, partition_count
 from distill.losses import hard_losses
 from distill.model_store import ModelStore
@@ -162,11 +162,20 @@ class Trainer:
     def _announce_current(self) -> None:
         """On start: make sure the current version is in the store and announced (version 0,
         the untrained teacher, on a fresh start; after a restart the checkpoint's version)."""
-        if not self.history or self.history[-1][0] != self.version:
+        if not self.history:  # a fresh teacher
+            stale = self.store.versions()
+            if stale:
+                raise CheckpointError(
+                    f"the model store {self.store.dir} holds versions {stale[0]}..{stale[-1]} but the trainer has no "
+                    f"checkpoint in {self.checkpointer.dir}: restore the trainer's checkpoints, or start a new teacher "
+                    f"with an empty store and a new {self.config.topics.checkpoints!r} topic (labelers keep what they "
+                    "read there)"
+                )
             self.history.append((self.version, {}))
+            self._checkpoint({}, {}, 0)  # first, so that a crash from here on restarts from version 0
         described = self.store.describe(self.version)
         uri, sha = described if described else self.store.publish(self.version, self.model.state_dict())
-        self._announce(uri, sha, self.history[-1][1], {}, self.examples_trained)
+        self._announce(uri, sha, self.history[-1][1], self.trained_time, self.examples_trained)
 
     def _announce(self, uri: str, sha: str, watermark: dict[int, int], times: dict[int, int], examples: int) -> None:
         announcement = CheckpointAnnouncement(

@@ -7,9 +7,11 @@ import json
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from distill import metrics as m
+from distill.exceptions import CheckpointError
 from distill.model_store import ModelStore
 from distill.models import RankingModel, batch_tensors
 from distill.wire import Codec, ids_checksum
@@ -202,6 +204,7 @@ def test_a_restarted_trainer_resumes_its_checkpoint_and_announces_it_again(make_
         before.step()
     crashed_at = before.version
     before.consumer.close()  # a crash: no final publish, no summary
+    before.lead_reader.close()
     before.producer.flush(5)
 
     after = Trainer(config, Ranks(), torch.device("cpu"))
@@ -252,3 +255,17 @@ def test_a_corrupt_checkpoint_falls_back_to_an_older_out_of_sample_one(make_conf
     assert {lb.teacher_version for _, _, lb in labels} <= set(range(trainer.version))  # never the corrupt one
     assert all(lb.watermark <= lb.source_offset for _, _, lb in labels)
     trainer.close()
+
+
+def test_a_fresh_trainer_refuses_a_store_it_did_not_write(make_config):
+    config = pool_config(make_config)
+    ModelStore(config.model_store()).publish(
+        7, RankingModel(config.features, config.tasks, config.teacher.model).state_dict()
+    )
+    trainer = Trainer(config, Ranks(), torch.device("cpu"))
+    with pytest.raises(CheckpointError) as err:
+        trainer.start()
+    message = str(err.value)
+    assert "holds versions 7..7" in message and "no checkpoint" in message and config.topics.checkpoints in message
+    assert announcements(config) == []  # nothing announced over what labelers may have read
+    trainer.consumer.close()

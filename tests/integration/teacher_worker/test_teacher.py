@@ -158,9 +158,9 @@ def test_sigkill_mid_stream_leaves_no_batch_unlabelled(make_config, tmp_path):
 
 @pytest.mark.slow
 def test_teacher_learns_better_than_a_small_model(make_config):
-    big = make_config(topics={"partitions": 2})
+    big = make_config(topics={"partitions": 1})
     small = make_config(
-        topics={"partitions": 2},
+        topics={"partitions": 1},
         teacher={
             "name": "small",
             "model": {"hidden": [16], "embedding_dim": 2, "cross_layers": 0, "learning_rate": 0.005},
@@ -177,9 +177,9 @@ def test_teacher_learns_better_than_a_small_model(make_config):
         teacher = _run_teacher(cfg, produced["batches"], timeout=120)
         results[cfg.teacher.name] = teacher.snapshot()["metrics"]["click"]["main"]["cumulative"]
         teacher.close()
-    # Seed 7 of the synthetic stream: the teacher reaches about 0.60 cumulative AUC over these
-    # 60k examples and the small model about 0.556; the margins leave room for the partition
-    # interleaving, the one thing that varies between runs.
+    # Seed 7 of the synthetic stream, one partition so that the order (and so the result) does
+    # not depend on how a loaded machine interleaves partitions: the teacher reaches 0.617
+    # cumulative AUC over these 60k examples and the small model 0.551.
     assert results["teacher"]["auc"] > 0.58, results
     assert results["teacher"]["auc"] > results["small"]["auc"] + 0.025, results
     assert results["teacher"]["logloss"] < results["small"]["logloss"], results
