@@ -8,7 +8,9 @@ training rate beside the single-process teacher's.
   the examples over the seconds from the start of producing to the last label, counted from
   the labelers' ``/metrics``. The ratio is two labelers over one, measured one after the other
   in this run. On a machine with fewer cores than labelers + broker + producer the labelers
-  compete for the CPUs and the ratio shows that, not the scaling of one GPU per labeler.
+  compete for the CPUs and the ratio shows that, not the scaling of one GPU per labeler; the
+  labelers' CPU seconds per labelled example (``/proc/<pid>/stat``, from just before the
+  stream to the last label), one against two, shows whether the pool itself costs anything.
 * **trainer vs teacher**: in this process, on one stream: the trainer (one process, no
   torchrun) steps until it trained every example; the role-both teacher until it labelled and
   trained every example. Ratio trainer over teacher, each the mean of a run before and after.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_pipeline import Run
+from bench.bench_pipeline import Run, cpu_seconds
 from bench.workers import stream, timed_steps
 from distill.broker import EmbeddedBroker
 from teacher_worker.ranks import Ranks
@@ -44,7 +46,8 @@ def labelled(children) -> float:
     return total
 
 
-def labelers_rate(count: int) -> float:
+def labelers_rate(count: int) -> tuple[float, float]:
+    """(labelled examples/s, labeler CPU seconds per labelled example) with ``count`` labelers."""
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker:
         run = Run(broker, Path(tmp) / "state", LABEL_EXAMPLES)
         try:
@@ -56,6 +59,7 @@ def labelers_rate(count: int) -> float:
                 for i in range(count)
             ]
             run.wait_ready(children)
+            cpu = sum(cpu_seconds(c.process.pid) for c in children)
             started = time.perf_counter()
             run.produce()
             deadline = time.monotonic() + 300
@@ -63,7 +67,9 @@ def labelers_rate(count: int) -> float:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{count} labelers did not label the stream within 300 s")
                 time.sleep(0.05)
-            return LABEL_EXAMPLES / (time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            cpu = sum(cpu_seconds(c.process.pid) for c in children) - cpu
+            return LABEL_EXAMPLES / seconds, cpu / LABEL_EXAMPLES
         finally:
             run.stop()
 
@@ -97,8 +103,8 @@ def teacher_rate(cfg) -> float:
 
 
 def run() -> list[dict]:
-    one = labelers_rate(1)
-    two = labelers_rate(2)
+    one, one_cpu = labelers_rate(1)
+    two, two_cpu = labelers_rate(2)
     rates: dict[str, list[float]] = {"trainer": [], "teacher": []}
     for _ in range(2):
         with stream(TRAIN_EXAMPLES) as cfg:
@@ -110,6 +116,14 @@ def run() -> list[dict]:
     return [
         {"name": "one labeler", "value": one, "unit": "examples/s"},
         {"name": "two labelers", "value": two, "unit": "examples/s", "ratio": two / one, "vs": "one labeler"},
+        {"name": "labeler CPU per example, one labeler", "value": one_cpu * 1e6, "unit": "µs"},
+        {
+            "name": "labeler CPU per example, two labelers",
+            "value": two_cpu * 1e6,
+            "unit": "µs",
+            "ratio": two_cpu / one_cpu,
+            "vs": "one labeler (flat: the pool adds no work per example)",
+        },
         {
             "name": "trainer (role trainer)",
             "value": trainer,

@@ -275,7 +275,7 @@ class Trainer:
 
     def _train_step(self, batch: ExampleBatch | None, total_examples: int) -> None:
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad(set_to_none=True)
         finite = True
         if batch is not None:
             cat, dense, labels = batch_tensors([batch], self.device)
