@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential, wait_random
 
 from distill.config import Config, KafkaConfig
-from distill.exceptions import BrokerError, DeliveryError, TopicMismatchError
+from distill.exceptions import BrokerError, ConfigError, DeliveryError, TopicMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,20 @@ def is_retriable(exc: KafkaException) -> bool:
 def needs_abort(exc: KafkaException) -> bool:
     err = exc.args[0] if exc.args else None
     return bool(getattr(err, "txn_requires_abort", lambda: False)())
+
+
+def fenced(exc: Exception) -> bool:
+    """Another producer started with this transactional id: this one can never commit again."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    codes = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
+    return isinstance(err, KafkaError) and err.code() in codes
+
+
+def fenced_error(transactional_id: str, setting: str) -> ConfigError:
+    return ConfigError(
+        f"transactional id {transactional_id!r} was taken over by another process started with the same name: "
+        f"two workers cannot share it. Give each one a unique {setting} (for a labeler, its pod name)."
+    )
 
 
 def broker_down(err: KafkaError) -> bool:

@@ -33,6 +33,8 @@ from distill.kafka import (
     broker_down,
     consume_available,
     ensure_topics,
+    fenced,
+    fenced_error,
     is_retriable,
     lag,
     needs_abort,
@@ -216,6 +218,8 @@ class Labeler:
         try:
             rewind = self._transaction(records, labelled)
         except Exception as exc:
+            if fenced(exc):
+                raise fenced_error(f"{self.pool.labeler_group_id}.{self.name}", "teacher.name") from None
             if not needs_abort(exc) and not is_retriable(exc):
                 raise
             log.warning("transaction failed, aborting and rewinding", extra={"error": str(exc)})

@@ -35,6 +35,8 @@ from distill.kafka import (
     broker_down,
     consume_available,
     ensure_topics,
+    fenced,
+    fenced_error,
     is_retriable,
     lag,
     needs_abort,
@@ -198,6 +200,8 @@ class TeacherWorker:
         try:
             self._transaction(records, good)
         except Exception as exc:
+            if fenced(exc):
+                raise fenced_error(f"{self.config.teacher.group_id}.{self.name}", "teacher.name") from None
             if not needs_abort(exc) and not is_retriable(exc):
                 raise
             log.warning("transaction failed, aborting and rewinding", extra={"error": str(exc)})

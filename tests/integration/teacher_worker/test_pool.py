@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill import metrics as m
-from distill.exceptions import CheckpointError
+from distill.exceptions import CheckpointError, ConfigError
 from distill.model_store import ModelStore
 from distill.models import RankingModel, batch_tensors
 from distill.wire import Codec, ids_checksum
@@ -269,3 +269,23 @@ def test_a_fresh_trainer_refuses_a_store_it_did_not_write(make_config):
     assert "holds versions 7..7" in message and "no checkpoint" in message and config.topics.checkpoints in message
     assert announcements(config) == []  # nothing announced over what labelers may have read
     trainer.consumer.close()
+
+
+def test_two_labelers_with_one_name_stop_with_a_clear_error(make_config):
+    config = make_config(
+        topics={"partitions": 2},
+        teacher={"poll_timeout_s": 0.05, "model": {"hidden": [8], "embedding_dim": 2, "cross_layers": 0}},
+    )
+    trainer = Trainer(config, Ranks(), torch.device("cpu"))
+    trainer.start()
+    first = Labeler(config)
+    first.start()
+    produce_synthetic(config, 8 * 64, batch_size=64)
+    run_until(lambda: first.examples_labeled > 0, [first.step], timeout=60)
+    second = Labeler(config)  # the same teacher.name: the same transactional id
+    second.start()
+    produce_synthetic(config, 8 * 64, batch_size=64)
+    with pytest.raises(ConfigError, match="unique teacher.name"):
+        run_until(lambda: False, [first.step, second.step], timeout=60)
+    second.close()
+    trainer.close()
