@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from distill import metrics as m
-from distill.exceptions import CheckpointError, ConfigError
+from distill.exceptions import CheckpointError, ConfigError, DecodeError
+from distill.kafka import Clients
 from distill.model_store import ModelStore
 from distill.models import RankingModel, batch_tensors
 from distill.wire import Codec, ids_checksum
@@ -289,3 +290,42 @@ def test_two_labelers_with_one_name_stop_with_a_clear_error(make_config):
         run_until(lambda: False, [first.step, second.step], timeout=60)
     second.close()
     trainer.close()
+
+
+def test_a_bad_example_batch_is_dead_lettered_once_and_skipped_by_the_trainer(make_config):
+    config = pool_config(make_config)
+    produce_synthetic(config, 8 * 128, batch_size=128)
+    raw = Clients(config.kafka, "test-garbage").producer()
+    raw.produce(config.topics.examples, value=b"not an example batch", partition=1)
+    raw.flush(10)
+    produce_synthetic(config, 8 * 128, batch_size=128)
+    trainer = Trainer(config, Ranks(), torch.device("cpu"))
+    trainer.start()
+    labeler = Labeler(config)
+    labeler.start()
+    good = {b.batch_id for b in batches_of(config)}
+    total = sum(1 for _ in read_all(config, config.topics.examples))
+    assert total == len(good) + 1
+    run_until(
+        lambda: sum(trainer.trained_through.values()) >= total and labelled_ids(config) >= set(good),
+        [trainer.step, labeler.step],
+        timeout=60,
+    )
+    dead = read_all(config, config.topics.dlq(config.topics.examples))
+    assert (
+        len(dead) == 1 and Codec().decode_dead_letter(dead[0].value(), dead[0].headers())["reason"] == "missing_schema"
+    )
+    assert trainer.examples_trained == sum(b.size for b in batches_of(config))  # every good example, once
+    labeler.close()
+    trainer.close()
+
+
+def batches_of(config) -> list:
+    codec = Codec()
+    out = []
+    for msg in read_all(config, config.topics.examples):
+        try:
+            out.append(codec.decode_examples(msg.value(), msg.headers()))
+        except DecodeError:
+            continue
+    return out
