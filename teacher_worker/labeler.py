@@ -175,6 +175,7 @@ class Labeler:
         self.announcer.assign([TopicPartition(topics.checkpoints, 0, OFFSET_BEGINNING)])
         self.service.set_ready(False, "waiting for the trainer's first checkpoint")
         while not self.models and not self.service.stopping.is_set():
+            self.service.heartbeat()  # alive, only not ready: a trainer that starts later is waited for
             self._read_announcements(timeout=1.0)
         self.consumer = self.clients.consumer(self.pool.labeler_group_id)
         self.consumer.subscribe(
