@@ -269,7 +269,7 @@ def test_a_fresh_trainer_refuses_a_store_it_did_not_write(make_config):
     message = str(err.value)
     assert "holds versions 7..7" in message and "no checkpoint" in message and config.topics.checkpoints in message
     assert announcements(config) == []  # nothing announced over what labelers may have read
-    trainer.consumer.close()
+    trainer.close()
 
 
 def test_two_labelers_with_one_name_stop_with_a_clear_error(make_config):
@@ -288,8 +288,10 @@ def test_two_labelers_with_one_name_stop_with_a_clear_error(make_config):
     produce_synthetic(config, 8 * 64, batch_size=64)
     with pytest.raises(ConfigError, match="unique teacher.name"):
         run_until(lambda: False, [first.step, second.step], timeout=60)
-    second.close()
-    trainer.close()
+    # Close every client explicitly: a subscribed consumer left to the garbage collector runs
+    # its rebalance callbacks from librdkafka's destructor and can deadlock the interpreter.
+    for worker in (first, second, trainer):
+        worker.close()
 
 
 def test_a_bad_example_batch_is_dead_lettered_once_and_skipped_by_the_trainer(make_config):
