@@ -78,6 +78,7 @@ class Service:
         self._ready_reason = "starting"
         self._server: ThreadingHTTPServer | None = None
         self._running = False  # True once run() loops: a stop before that exits at once
+        self._deadline: threading.Timer | None = None
         m.BUILD.info({"version": __version__, "role": role, "worker": worker})
 
     # -- health ------------------------------------------------------------------------------
@@ -145,13 +146,18 @@ class Service:
                 # Still starting (waiting for the broker, say): nothing trained, nothing to
                 # save; leave now rather than retry until the stop deadline kills the process.
                 raise SystemExit(0)
-            # A stop must not hang forever (a broker that never answers a commit, say).
-            timer = threading.Timer(self.stop_deadline_s, self._deadline_passed)
-            timer.daemon = True
-            timer.start()
+            self._arm_deadline()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+
+    def _arm_deadline(self) -> None:
+        # A stop must not hang forever (a broker that never answers a commit, a consumer close
+        # waiting for a rebalance, say).
+        if self._deadline is None:
+            self._deadline = threading.Timer(self.stop_deadline_s, self._deadline_passed)
+            self._deadline.daemon = True
+            self._deadline.start()
 
     def _deadline_passed(self) -> None:
         log.error("graceful stop took longer than %.0fs; exiting", self.stop_deadline_s)
@@ -169,8 +175,13 @@ class Service:
                     break
         finally:
             self.set_ready(False, "stopping")
-            close()
-            self.shutdown_http()
+            self._arm_deadline()  # also when an error ends the loop
+            try:
+                close()
+                self.shutdown_http()
+            finally:
+                self._deadline.cancel()  # closed in time
+                self._deadline = None
 
     def shutdown_http(self) -> None:
         if self._server is not None:

@@ -21,7 +21,7 @@ from collections import OrderedDict, defaultdict
 
 import numpy as np
 import torch
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from distill import metrics as m
 from distill.config import Config
@@ -382,7 +382,10 @@ class Labeler:
             if hasattr(self, "consumer"):
                 self.consumer.close()
             self.announcer.close()
-            self.producer.flush(10)
+            try:
+                self.producer.flush(10)
+            except KafkaException as exc:  # a fenced producer: the error that stopped us says why
+                log.warning("producer flush failed on close", extra={"error": str(exc)})
 
 
 def run_labeler(config: Config) -> None:

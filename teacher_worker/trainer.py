@@ -116,6 +116,8 @@ class Trainer:
         self.trained_through = {int(p): int(o) for p, o in state["trained_through"].items()}
         self.trained_time = {int(p): int(t) for p, t in state.get("trained_time", {}).items()}
         self.history = [(int(v), {int(p): int(o) for p, o in wm.items()}) for v, wm in state.get("history", [])]
+        if not self.history:  # a single-process teacher's checkpoint: it trained through its offsets
+            self.history = [(self.version, dict(self.trained_through))]
         self.oldest_kept = state.get("oldest_kept", 0)
         self.examples_trained = state.get("examples_trained", 0) if self.ranks.leader else 0
         log.info("restored checkpoint", extra={"version": self.version, "offsets": self.trained_through})

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from confluent_kafka import KafkaException
 
 from distill import metrics as m
 from distill.checkpoint import Checkpointer
@@ -371,7 +372,10 @@ class TeacherWorker:
             self.progress.write_summary(self.snapshot())
         finally:
             self.consumer.close()
-            self.producer.flush(10)
+            try:
+                self.producer.flush(10)
+            except KafkaException as exc:  # a fenced producer: the error that stopped us says why
+                log.warning("producer flush failed on close", extra={"error": str(exc)})
 
 
 def run_teacher(config: Config) -> None:

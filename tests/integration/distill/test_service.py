@@ -118,6 +118,7 @@ service = Service(role="test", worker="worker", host="127.0.0.1",
 service.install_signal_handlers()
 port = service.start_http()
 state = {"steps": 0, "in_step": False}
+fail_after = int(sys.argv[4]) if len(sys.argv) > 4 else None
 
 def step():
     state["in_step"] = True
@@ -126,6 +127,8 @@ def step():
     state["in_step"] = False
     if state["steps"] == 1:
         print(f"running {port}", flush=True)
+    if fail_after is not None and state["steps"] >= fail_after:
+        raise RuntimeError("a fatal error in the loop")
     return True
 
 def close():
@@ -142,10 +145,11 @@ def worker(tmp_path) -> Iterator:
     script.write_text(textwrap.dedent(WORKER))
     procs: list[subprocess.Popen] = []
 
-    def start(close_seconds: float = 0.0, stop_deadline_s: float = 30.0):
+    def start(close_seconds: float = 0.0, stop_deadline_s: float = 30.0, fail_after: int | None = None):
         out = tmp_path / f"closed-{len(procs)}.txt"
+        extra = [] if fail_after is None else [str(fail_after)]
         proc = subprocess.Popen(
-            [sys.executable, str(script), str(out), str(close_seconds), str(stop_deadline_s)],
+            [sys.executable, str(script), str(out), str(close_seconds), str(stop_deadline_s), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -192,5 +196,14 @@ def test_stop_deadline_ends_a_hung_close(worker):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 1
     assert time.monotonic() - started < 5
+    assert out.exists()
+    assert "graceful stop took longer" in proc.stderr.read()
+
+
+def test_stop_deadline_also_ends_a_hung_close_after_an_error(worker):
+    """An error ends the loop; a close that then hangs (a consumer waiting on a rebalance) must
+    not keep a dead worker's process alive: the same deadline applies."""
+    proc, out, _ = worker(close_seconds=30, stop_deadline_s=0.5, fail_after=3)
+    assert proc.wait(timeout=10) == 1
     assert out.exists()
     assert "graceful stop took longer" in proc.stderr.read()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill import metrics as m
-from distill.exceptions import CheckpointError, ConfigError, DecodeError
+from distill.exceptions import CheckpointError, DecodeError
 from distill.kafka import Clients
 from distill.model_store import ModelStore
 from distill.models import RankingModel, batch_tensors
@@ -19,6 +19,7 @@ from distill.wire import Codec, ids_checksum
 from teacher_worker.labeler import Labeler
 from teacher_worker.ranks import Ranks
 from teacher_worker.trainer import Trainer
+from teacher_worker.worker import TeacherWorker
 from tests.integration.workers import (
     example_batch_ids,
     kill9,
@@ -189,7 +190,7 @@ def _wait_for(predicate, timeout: float, logs) -> None:
         if predicate():
             return
         time.sleep(1.0)
-    tails = {p.name: p.read_text()[-2000:] for p in logs.iterdir()}
+    tails = {p.name: p.read_text()[-2000:] for p in logs.glob("*.log")}
     raise AssertionError(f"not reached within {timeout}s; logs: {tails}")
 
 
@@ -272,26 +273,36 @@ def test_a_fresh_trainer_refuses_a_store_it_did_not_write(make_config):
     trainer.close()
 
 
-def test_two_labelers_with_one_name_stop_with_a_clear_error(make_config):
+def test_two_labelers_with_one_name_stop_with_a_clear_error(make_config, tmp_path):
+    # Processes, not objects in this one: each must keep polling while the other leaves the group.
     config = make_config(
         topics={"partitions": 2},
         teacher={"poll_timeout_s": 0.05, "model": {"hidden": [8], "embedding_dim": 2, "cross_layers": 0}},
     )
     trainer = Trainer(config, Ranks(), torch.device("cpu"))
-    trainer.start()
-    first = Labeler(config)
-    first.start()
-    produce_synthetic(config, 8 * 64, batch_size=64)
-    run_until(lambda: first.examples_labeled > 0, [first.step], timeout=60)
-    second = Labeler(config)  # the same teacher.name: the same transactional id
-    second.start()
-    produce_synthetic(config, 8 * 64, batch_size=64)
-    with pytest.raises(ConfigError, match="unique teacher.name"):
-        run_until(lambda: False, [first.step, second.step], timeout=60)
-    # Close every client explicitly: a subscribed consumer left to the garbage collector runs
-    # its rebalance callbacks from librdkafka's destructor and can deadlock the interpreter.
-    for worker in (first, second, trainer):
-        worker.close()
+    trainer.start()  # announces version 0: all the labelers need here
+    trainer.close()
+    path = write_config(config, tmp_path / "pool.yaml")
+    args = ["teacher", "--config", str(path), "--role", "labeler", "--name", "twin"]
+    first = spawn(args, tmp_path / "first.log")
+    try:
+        produce_synthetic(config, 8 * 64, batch_size=64)
+        _wait_for(lambda: len(labelled_ids(config)) > 0, 60, tmp_path)
+        second = spawn(args, tmp_path / "second.log")  # the same transactional id fences the first
+        try:
+            deadline = time.monotonic() + 60
+            while first.poll() is None and second.poll() is None and time.monotonic() < deadline:
+                produce_synthetic(config, 4 * 64, batch_size=64)
+                time.sleep(1.0)
+            assert first.poll() == 2, (tmp_path / "first.log").read_text()[-3000:]
+            assert "unique teacher.name" in (tmp_path / "first.log").read_text()
+            assert second.poll() is None  # the newer one goes on
+        finally:
+            if second.poll() is None:
+                assert stop(second) == 0
+    finally:
+        if first.poll() is None:
+            kill9(first)
 
 
 def test_a_bad_example_batch_is_dead_lettered_once_and_skipped_by_the_trainer(make_config):
@@ -331,3 +342,25 @@ def batches_of(config) -> list:
         except DecodeError:
             continue
     return out
+
+
+def test_a_trainer_takes_over_a_single_teachers_checkpoint(make_config):
+    """Moving from one teacher process to the pool keeps the trained teacher and its watermark."""
+    config = pool_config(make_config)
+    produce_synthetic(config, 20 * 128, batch_size=128)
+    teacher = TeacherWorker(config)
+    teacher.start()
+    run_until(lambda: sum(teacher.trained_through.values()) >= 10, [teacher.step], timeout=60)
+    teacher.close()  # checkpoints
+    version, offsets = teacher.version, dict(teacher.trained_through)
+    trainer = Trainer(config, Ranks(), torch.device("cpu"))
+    trainer.start()
+    trainer.close()
+    (first,) = announcements(config)
+    assert first.version == version > 0
+    assert first.watermark == offsets  # not "trained on nothing": labels stay out-of-sample
+    assert weights_equal(trainer.store.load(first.uri, first.sha256), teacher.model.state_dict())
+
+
+def weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].cpu()) for k in a)
