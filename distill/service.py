@@ -67,11 +67,13 @@ class Service:
         host: str = "0.0.0.0",
         health_timeout_s: float = 60.0,
         stop_deadline_s: float = 60.0,
+        busy_ready_s: float = 5.0,
     ):
         self.role, self.worker = role, worker
         self.host, self.port = host, port
         self.health_timeout_s = health_timeout_s
         self.stop_deadline_s = stop_deadline_s
+        self.busy_ready_s = busy_ready_s
         self.stopping = threading.Event()
         self._last_beat = time.monotonic()
         self._ready = False
@@ -99,6 +101,13 @@ class Service:
         return True, f"heartbeat {age:.1f}s ago"
 
     def ready(self) -> tuple[bool, str]:
+        # A step blocked this long is waiting on something (a commit to a stalled broker, say):
+        # librdkafka reports nothing while the connection hangs, so the loop's age says it.
+        age = time.monotonic() - self._last_beat
+        if self._ready and age > self.busy_ready_s:
+            m.READY.labels(self.role, self.worker).set(0)
+            return False, f"the current step has run for {age:.0f}s (limit {self.busy_ready_s:.0f}s): broker stalled?"
+        m.READY.labels(self.role, self.worker).set(1 if self._ready else 0)
         return self._ready, self._ready_reason
 
     # -- HTTP --------------------------------------------------------------------------------
@@ -109,6 +118,7 @@ class Service:
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?")[0]
                 if path == "/metrics":
+                    service.ready()  # distill_ready as of this scrape
                     self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
                 elif path in ("/healthz", "/readyz"):
                     ok, why = service.healthy() if path == "/healthz" else service.ready()

@@ -74,6 +74,24 @@ def test_readyz_is_503_until_ready(service):
     assert code == 503 and json.loads(body)["detail"] == "broker unreachable"
 
 
+def test_readyz_is_503_while_one_step_runs_too_long(tmp_path):
+    """A step blocked on a stalled broker (a commit that does not return) is not ready."""
+    s = Service(role="test", worker=f"w-{uuid.uuid4().hex[:6]}", host="127.0.0.1", busy_ready_s=0.3)
+    s.start_http()
+    try:
+        s.heartbeat()
+        s.set_ready(True, "assigned")
+        assert get(s.port, "/readyz")[0] == 200
+        time.sleep(0.5)  # no heartbeat: the loop is stuck in one step
+        code, _, body = get(s.port, "/readyz")
+        assert code == 503 and "broker stalled?" in json.loads(body)["detail"]
+        assert f'distill_ready{{role="test",worker="{s.worker}"}} 0.0' in get(s.port, "/metrics")[2]
+        s.heartbeat()  # the step returned
+        assert get(s.port, "/readyz")[0] == 200
+    finally:
+        s.shutdown_http()
+
+
 def test_unknown_path_is_404_with_a_hint(service):
     code, _, body = get(service.port, "/nope")
     assert code == 404 and "/metrics" in body
