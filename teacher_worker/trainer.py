@@ -91,6 +91,7 @@ class Trainer:
         self.last_publish = time.monotonic()
         self.buffer: deque[tuple[object, ExampleBatch | None]] = deque()  # None: undecodable
         self.paused = False  # by the lead bound (every rank)
+        self.idle_everywhere = True  # no rank had a batch at the last step
         self.pause_wanted = False  # rank 0's latest decision
         self.last_lead_check = float("-inf")
         self.partitions: list[int] = []
@@ -214,6 +215,7 @@ class Trainer:
             ctl[_PUBLISH] = 1 if self._publish_due() else 0
             ctl[_PAUSE] = 1 if self.pause_wanted else 0
         examples, batches, stop, publish, pause = (int(x) for x in self.ranks.all_reduce(ctl).tolist())
+        self.idle_everywhere = batches == 0
         self._set_paused(pause > 0)
         started = time.perf_counter()
         if batches and not self.paused:
@@ -245,8 +247,9 @@ class Trainer:
         want = self.config.teacher.max_batches_per_step - len(self.buffer)
         if want <= 0 or self.paused:
             return
-        # Wait for data only when this rank has nothing at all to contribute.
-        timeout = self.config.teacher.poll_timeout_s if not self.buffer else 0.0
+        # Wait for data only when no rank had any at the last step: a rank whose partitions ran
+        # dry must not hold the busy ones up by its poll timeout at every collective step.
+        timeout = self.config.teacher.poll_timeout_s if not self.buffer and self.idle_everywhere else 0.0
         msgs = consume_available(self.consumer, want, timeout)
         for msg in msgs:
             if msg.error() is not None:
