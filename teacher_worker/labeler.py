@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 # A dead labeler's open transaction holds back read_committed readers of the labels topic
 # until the broker aborts it; its pod name (transactional id) may never come back to fence it.
 TRANSACTION_TIMEOUT_MS = 15_000
+# A checkpoint that did not load is tried again after this long: a file on a network volume
+# may show up on this node a moment after its announcement does.
+RETRY_FAILED_S = 10.0
 
 
 class Labeler:
@@ -72,7 +75,7 @@ class Labeler:
         self.progress = ProgressLog(config.progress_dir(), self.role, self.name)
         self.announcements: list[CheckpointAnnouncement] = []  # increasing version
         self.models: OrderedDict[int, RankingModel] = OrderedDict()  # version -> loaded, oldest first
-        self.unusable: set[int] = set()  # versions whose file failed to load
+        self.failed: dict[int, float] = {}  # version -> when its file last failed to load
         self.assigned: set[int] = set()
         self.examples_labeled = 0
         self.versions_used: dict[int, int] = defaultdict(int)  # version -> label batches
@@ -109,6 +112,7 @@ class Labeler:
             newest = self.announcements[-1]
             # The store no longer holds versions older than oldest_kept: forget them.
             self.announcements = [a for a in self.announcements if a.version >= newest.oldest_kept]
+            self.failed = {v: t for v, t in self.failed.items() if v >= newest.oldest_kept}
             # Hot reload; a file that fails its checksum falls back to the newest older one.
             for i in range(len(self.announcements) - 1, -1, -1):
                 if self._model(i, source="announcement") is not None:
@@ -122,7 +126,7 @@ class Labeler:
         if a.version in self.models:
             self.models.move_to_end(a.version)
             return self.models[a.version]
-        if a.version in self.unusable:
+        if time.monotonic() - self.failed.get(a.version, float("-inf")) < RETRY_FAILED_S:
             return None
         started = time.perf_counter()
         try:
@@ -133,7 +137,7 @@ class Labeler:
             # An older checkpoint is still out-of-sample: the batches fall back to it.
             log.error("checkpoint unusable", extra={"version": a.version, "error": str(exc)})
             m.TEACHER_RELOADS.labels(self.name, "failed").inc()
-            self.unusable.add(a.version)
+            self.failed[a.version] = time.monotonic()
             return None
         model.to(self.device).eval()
         self.models[a.version] = model
