@@ -74,32 +74,30 @@ def labelers_rate(count: int) -> tuple[float, float]:
             run.stop()
 
 
+def training_rate(worker) -> float:
+    """Examples trained per second by a started trainer or role-both teacher (from its first
+    step that trained: start-up is not counted)."""
+
+    def step() -> bool:
+        before = worker.examples_trained
+        worker.step()
+        return worker.examples_trained > before
+
+    seconds = timed_steps(step, lambda: worker.examples_trained >= TRAIN_EXAMPLES)
+    worker.close()
+    return TRAIN_EXAMPLES / seconds
+
+
 def trainer_rate(cfg) -> float:
     trainer = Trainer(cfg, Ranks(), torch.device("cpu"))
     trainer.start()
-
-    def step() -> bool:
-        before = trainer.examples_trained
-        trainer.step()
-        return trainer.examples_trained > before
-
-    seconds = timed_steps(step, lambda: trainer.examples_trained >= TRAIN_EXAMPLES)
-    trainer.close()
-    return TRAIN_EXAMPLES / seconds
+    return training_rate(trainer)
 
 
 def teacher_rate(cfg) -> float:
     teacher = TeacherWorker(cfg)
     teacher.start()
-
-    def step() -> bool:
-        before = teacher.examples_labeled
-        teacher.step()
-        return teacher.examples_labeled > before
-
-    seconds = timed_steps(step, lambda: teacher.examples_trained >= TRAIN_EXAMPLES)
-    teacher.close()
-    return TRAIN_EXAMPLES / seconds
+    return training_rate(teacher)
 
 
 def run() -> list[dict]:

@@ -225,8 +225,41 @@ def lag(consumer: Consumer, partitions: list[TopicPartition]) -> dict[tuple[str,
     return out
 
 
+def export_lag(consumer: Consumer, role: str, worker: str) -> None:
+    """``distill_consumer_lag_messages`` for every assigned partition (informative only)."""
+    from distill import metrics as m
+
+    try:
+        for (topic, p), n in lag(consumer, consumer.assignment()).items():
+            m.CONSUMER_LAG.labels(role, worker, topic, str(p)).set(n)
+    except Exception as exc:
+        log.debug("lag unavailable: %s", exc)
+
+
 def partitions_at(topic: str, offsets: dict[int, int]) -> list[TopicPartition]:
     return [TopicPartition(topic, p, o) for p, o in sorted(offsets.items())]
+
+
+def seek_to(consumer: Consumer, topic: str, offsets: dict[int, int]) -> None:
+    for tp in partitions_at(topic, offsets):
+        try:
+            consumer.seek(tp)
+        except Exception as exc:  # the partition may have been revoked meanwhile
+            log.warning("seek failed", extra={"partition": tp.partition, "error": str(exc)})
+
+
+def abort_and_rewind(producer: Producer, consumer: Consumer, topic: str, records: list[Message]) -> None:
+    """Abort the open transaction and seek each partition back to its first record in it, so
+    that the next step reads (and labels) them again."""
+    try:
+        producer.flush(10)  # abort purges unsent messages (see BROKER.md)
+        producer.abort_transaction(30)
+    except Exception as exc:
+        log.warning("abort failed", extra={"error": str(exc)})
+    first: dict[int, int] = {}
+    for msg in records:
+        first.setdefault(msg.partition(), msg.offset())
+    seek_to(consumer, topic, first)
 
 
 def is_retriable(exc: KafkaException) -> bool:

@@ -32,7 +32,7 @@ from distill.kafka import (
     broker_down,
     check_partitions,
     consume_available,
-    lag,
+    export_lag,
     partitions_at,
 )
 from distill.losses import student_loss
@@ -458,11 +458,7 @@ class StudentWorker:
             m.STUDENT_PAUSED.labels(self.name, topic).set(sum(1 for t, _ in self.paused if t == topic))
 
     def _export_gauges(self) -> None:
-        try:
-            for (topic, p), n in lag(self.consumer, self.consumer.assignment()).items():
-                m.CONSUMER_LAG.labels(self.role, self.name, topic, str(p)).set(n)
-        except Exception as exc:  # informative only
-            log.debug("lag unavailable: %s", exc)
+        export_lag(self.consumer, self.role, self.name)
 
     def snapshot(self) -> dict:
         snap = self.evaluator.snapshot()

@@ -30,15 +30,17 @@ from distill.exceptions import CheckpointError, DecodeError
 from distill.kafka import (
     BrokerProbe,
     Clients,
+    abort_and_rewind,
     broker_down,
     consume_available,
     ensure_topics,
+    export_lag,
     fenced,
     fenced_error,
     is_retriable,
-    lag,
     needs_abort,
     partitions_at,
+    seek_to,
 )
 from distill.model_store import ModelStore
 from distill.models import RankingModel, autocast, batch_tensors, resolve_device
@@ -74,6 +76,7 @@ class Labeler:
         self.store = ModelStore(config.model_store())
         self.progress = ProgressLog(config.progress_dir(), self.role, self.name)
         self.announcements: list[CheckpointAnnouncement] = []  # increasing version
+        self.history: list[tuple[int, dict[int, int]]] = []  # (version, watermark) of each of them
         self.models: OrderedDict[int, RankingModel] = OrderedDict()  # version -> loaded, oldest first
         self.failed: dict[int, float] = {}  # version -> when its file last failed to load
         self.assigned: set[int] = set()
@@ -113,6 +116,7 @@ class Labeler:
             # The store no longer holds versions older than oldest_kept: forget them.
             self.announcements = [a for a in self.announcements if a.version >= newest.oldest_kept]
             self.failed = {v: t for v, t in self.failed.items() if v >= newest.oldest_kept}
+            self.history = [(a.version, a.watermark) for a in self.announcements]  # once, not per batch
             # Hot reload; a file that fails its checksum falls back to the newest older one.
             for i in range(len(self.announcements) - 1, -1, -1):
                 if self._model(i, source="announcement") is not None:
@@ -155,7 +159,7 @@ class Labeler:
                 del self.models[version]
 
     def _eligible(self, partition: int, offset: int) -> tuple[CheckpointAnnouncement, RankingModel] | None:
-        history = [(a.version, a.watermark) for a in self.announcements]
+        history = self.history
         i = newest_eligible(history, partition, offset)
         while i is not None:
             model = self._model(i)
@@ -231,7 +235,7 @@ class Labeler:
             self._abort_and_rewind(records)
             return True
         if rewind:
-            self._seek(rewind)
+            seek_to(self.consumer, self.config.topics.examples, rewind)
             if not labelled:  # only waiting batches: give the announcements time to arrive
                 time.sleep(self.config.teacher.poll_timeout_s)
         n = sum(b.size for _, b, _ in labelled)
@@ -327,24 +331,9 @@ class Labeler:
         if trained_ts is not None and ts > 0:
             m.TEACHER_STALENESS_SECONDS.labels(self.name).observe(max(0.0, (ts - trained_ts) / 1000))
 
-    def _seek(self, offsets: dict[int, int]) -> None:
-        for tp in partitions_at(self.config.topics.examples, offsets):
-            try:
-                self.consumer.seek(tp)
-            except Exception as exc:  # the partition may have been revoked meanwhile
-                log.warning("seek failed", extra={"error": str(exc)})
-
     def _abort_and_rewind(self, records: list) -> None:
         m.TEACHER_TRANSACTIONS.labels(self.name, "abort").inc()
-        try:
-            self.producer.flush(10)
-            self.producer.abort_transaction(30)
-        except Exception as exc:
-            log.warning("abort failed", extra={"error": str(exc)})
-        first: dict[int, int] = {}
-        for msg in records:
-            first.setdefault(msg.partition(), msg.offset())
-        self._seek(first)
+        abort_and_rewind(self.producer, self.consumer, self.config.topics.examples, records)
 
     def _idle(self) -> None:
         if not self.probe.check(self.consumer):
@@ -353,14 +342,7 @@ class Labeler:
             self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions assigned")
         if self.progress.due():
             self._write_progress()
-            self._export_lag()
-
-    def _export_lag(self) -> None:
-        try:
-            for (topic, p), n in lag(self.consumer, self.consumer.assignment()).items():
-                m.CONSUMER_LAG.labels(self.role, self.name, topic, str(p)).set(n)
-        except Exception as exc:  # lag is informative only
-            log.debug("lag unavailable: %s", exc)
+            export_lag(self.consumer, self.role, self.name)
 
     def snapshot(self) -> dict:
         return {

@@ -31,7 +31,7 @@ from distill.checkpoint import Checkpointer
 from distill.config import Config
 from distill.evaluation import ProgressiveEvaluator
 from distill.exceptions import CheckpointError, DecodeError
-from distill.kafka import BrokerProbe, Clients, consume_available, ensure_topics, lag, partition_count
+from distill.kafka import BrokerProbe, Clients, consume_available, ensure_topics, export_lag, partition_count
 from distill.losses import hard_losses
 from distill.model_store import ModelStore
 from distill.models import RankingModel, autocast, batch_tensors, make_optimizer, weights_finite
@@ -399,15 +399,8 @@ class Trainer:
         }
 
     def _write_progress(self) -> None:
-        self._export_lag()
+        export_lag(self.consumer, self.role, self.name)
         self.progress.write(self.snapshot(), self.examples_trained)
-
-    def _export_lag(self) -> None:
-        try:
-            for (topic, p), n in lag(self.consumer, self.consumer.assignment()).items():
-                m.CONSUMER_LAG.labels(self.role, self.name, topic, str(p)).set(n)
-        except Exception as exc:  # lag is informative only
-            log.debug("lag unavailable: %s", exc)
 
     def close(self) -> None:
         try:

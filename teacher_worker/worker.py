@@ -33,13 +33,14 @@ from distill.exceptions import DecodeError
 from distill.kafka import (
     BrokerProbe,
     Clients,
+    abort_and_rewind,
     broker_down,
     consume_available,
     ensure_topics,
+    export_lag,
     fenced,
     fenced_error,
     is_retriable,
-    lag,
     needs_abort,
     partitions_at,
 )
@@ -310,19 +311,7 @@ class TeacherWorker:
 
     def _abort_and_rewind(self, records: list) -> None:
         m.TEACHER_TRANSACTIONS.labels(self.name, "abort").inc()
-        try:
-            self.producer.flush(10)  # abort purges unsent messages (see BROKER.md)
-            self.producer.abort_transaction(30)
-        except Exception as exc:
-            log.warning("abort failed", extra={"error": str(exc)})
-        first: dict[int, int] = {}
-        for msg in records:
-            first.setdefault(msg.partition(), msg.offset())
-        for tp in partitions_at(self.config.topics.examples, first):
-            try:
-                self.consumer.seek(tp)
-            except Exception as exc:  # the partition may have been revoked meanwhile
-                log.warning("seek after abort failed", extra={"error": str(exc)})
+        abort_and_rewind(self.producer, self.consumer, self.config.topics.examples, records)
 
     def _idle(self) -> None:
         if not self.probe.check(self.consumer):
@@ -333,15 +322,7 @@ class TeacherWorker:
             self.checkpoint()
         if self.progress.due():
             self._write_progress()
-            self._export_lag()
-
-    def _export_lag(self) -> None:
-        try:
-            parts = self.consumer.assignment()
-            for (topic, p), n in lag(self.consumer, parts).items():
-                m.CONSUMER_LAG.labels(self.role, self.name, topic, str(p)).set(n)
-        except Exception as exc:  # lag is informative only
-            log.debug("lag unavailable: %s", exc)
+            export_lag(self.consumer, self.role, self.name)
 
     def snapshot(self) -> dict:
         snap = self.evaluator.snapshot()

@@ -7,6 +7,7 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import NewTopic
 
+from distill import metrics as m
 from distill.broker import free_port
 from distill.config import load_config
 from distill.exceptions import DeliveryError, TopicMismatchError
@@ -15,6 +16,7 @@ from distill.kafka import (
     check_partitions,
     client_config,
     ensure_topics,
+    export_lag,
     lag,
     partition_count,
     redacted,
@@ -217,3 +219,17 @@ def test_lag_from_cached_watermarks(make_config, make_consumer, consume):
     assert lag(consumer, partition) == {(topic, 0): 0}
     # A partition this consumer never fetched is left out rather than reported as 0.
     assert lag(consumer, [TopicPartition(config.topics.labels, 0)]) == {}
+
+
+def test_export_lag_sets_the_gauge_of_every_assigned_partition(make_config, make_consumer, consume):
+    config = make_config(topics={"partitions": 1})
+    ensure_topics(config, Clients(config.kafka, "admin").admin(), seconds=20)
+    topic = config.topics.examples
+    producer = Clients(config.kafka, "test").producer()
+    for i in range(10):
+        producer.produce(topic, value=b"m%d" % i, partition=0)
+    producer.flush(10)
+    consumer = make_consumer(config, [topic])
+    consume(consumer, 3)
+    export_lag(consumer, "test", config.kafka.client_id)
+    assert m.CONSUMER_LAG.labels("test", config.kafka.client_id, topic, "0")._value.get() == 7
