@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -288,6 +289,21 @@ def fenced_error(transactional_id: str, setting: str) -> ConfigError:
 
 def broker_down(err: KafkaError) -> bool:
     return err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._TIMED_OUT)
+
+
+def without_errors(msgs: list[Message], not_ready: Callable[[str], None]) -> list[Message]:
+    """The messages that carry data. Consume errors are logged; one that says the broker is
+    down also turns the worker not ready (``not_ready(reason)``)."""
+    records = []
+    for msg in msgs:
+        err = msg.error()
+        if err is None:
+            records.append(msg)
+            continue
+        if broker_down(err):
+            not_ready(f"broker: {err.str()}")
+        log.warning("consume error", extra={"error": err.str()})
+    return records
 
 
 def consume_available(consumer: Consumer, max_messages: int, timeout: float) -> list[Message]:

@@ -29,11 +29,11 @@ from distill.export import export_serving_model
 from distill.kafka import (
     BrokerProbe,
     Clients,
-    broker_down,
     check_partitions,
     consume_available,
     export_lag,
     partitions_at,
+    without_errors,
 )
 from distill.losses import student_loss
 from distill.models import (
@@ -265,13 +265,7 @@ class StudentWorker:
         msgs = consume_available(self.consumer, 64, self.sc.poll_timeout_s)
         now = time.monotonic()
         topics = self.config.topics
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if broker_down(err):
-                    self.service.set_ready(False, f"broker: {err.str()}")
-                log.warning("consume error", extra={"error": err.str()})
-                continue
+        for msg in without_errors(msgs, lambda reason: self.service.set_ready(False, reason)):
             p = msg.partition()
             join = self.joins.get(p)
             if join is None:

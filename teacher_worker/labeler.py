@@ -31,7 +31,6 @@ from distill.kafka import (
     BrokerProbe,
     Clients,
     abort_and_rewind,
-    broker_down,
     consume_available,
     ensure_topics,
     export_lag,
@@ -41,6 +40,7 @@ from distill.kafka import (
     needs_abort,
     partitions_at,
     seek_to,
+    without_errors,
 )
 from distill.model_store import ModelStore
 from distill.models import RankingModel, autocast, batch_tensors, resolve_device
@@ -209,15 +209,7 @@ class Labeler:
         msgs = consume_available(
             self.consumer, self.config.teacher.max_batches_per_step, self.config.teacher.poll_timeout_s
         )
-        records = []
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if broker_down(err):
-                    self.service.set_ready(False, f"broker: {err.str()}")
-                log.warning("consume error", extra={"error": err.str()})
-                continue
-            records.append(msg)
+        records = without_errors(msgs, lambda reason: self.service.set_ready(False, reason))
         if not records:
             self._idle()
             return True

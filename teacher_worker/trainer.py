@@ -31,7 +31,15 @@ from distill.checkpoint import Checkpointer
 from distill.config import Config
 from distill.evaluation import ProgressiveEvaluator
 from distill.exceptions import CheckpointError, DecodeError
-from distill.kafka import BrokerProbe, Clients, consume_available, ensure_topics, export_lag, partition_count
+from distill.kafka import (
+    BrokerProbe,
+    Clients,
+    consume_available,
+    ensure_topics,
+    export_lag,
+    partition_count,
+    without_errors,
+)
 from distill.losses import hard_losses
 from distill.model_store import ModelStore
 from distill.models import RankingModel, autocast, batch_tensors, make_optimizer, weights_finite
@@ -250,11 +258,8 @@ class Trainer:
         # Wait for data only when no rank had any at the last step: a rank whose partitions ran
         # dry must not hold the busy ones up by its poll timeout at every collective step.
         timeout = self.config.teacher.poll_timeout_s if not self.buffer and self.idle_everywhere else 0.0
-        msgs = consume_available(self.consumer, want, timeout)
+        msgs = without_errors(consume_available(self.consumer, want, timeout), self._not_ready)
         for msg in msgs:
-            if msg.error() is not None:
-                log.warning("consume error", extra={"error": msg.error().str()})
-                continue
             try:
                 batch = self.codec.decode_examples(msg.value(), msg.headers())
                 check_layout(batch, self.config)
@@ -268,6 +273,9 @@ class Trainer:
             self.service.set_ready(reachable, "idle" if reachable else "broker unreachable (metadata timed out)")
         elif msgs:
             self.service.set_ready(True, "training")
+
+    def _not_ready(self, reason: str) -> None:
+        self.service.set_ready(False, reason)
 
     def _set_paused(self, paused: bool) -> None:
         if paused == self.paused:

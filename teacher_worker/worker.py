@@ -34,7 +34,6 @@ from distill.kafka import (
     BrokerProbe,
     Clients,
     abort_and_rewind,
-    broker_down,
     consume_available,
     ensure_topics,
     export_lag,
@@ -43,6 +42,7 @@ from distill.kafka import (
     is_retriable,
     needs_abort,
     partitions_at,
+    without_errors,
 )
 from distill.losses import hard_losses
 from distill.models import RankingModel, autocast, batch_tensors, make_optimizer, resolve_device, weights_finite
@@ -185,15 +185,7 @@ class TeacherWorker:
             self.consumer, self.config.teacher.max_batches_per_step, self.config.teacher.poll_timeout_s
         )
         good: list[tuple[object, ExampleBatch]] = []
-        records = []
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if broker_down(err):
-                    self.service.set_ready(False, f"broker: {err.str()}")
-                log.warning("consume error", extra={"error": err.str()})
-                continue
-            records.append(msg)
+        records = without_errors(msgs, lambda reason: self.service.set_ready(False, reason))
         if not records:
             self._idle()
             return True
