@@ -6,6 +6,9 @@ batches of the same size, are only encoded. The ratio says how much of the codec
 whole path keeps (generation, partitioning, Kafka client, broker round trips). The producer
 figure includes the client's start (0.5 to 1 s for the idempotent producer id on this broker),
 hence a long enough stream.
+
+The second row is the same stream as an exactly-once replay (a position file): batches go out
+in transactions with the replay's position, many batches per transaction.
 """
 
 from __future__ import annotations
@@ -75,9 +78,15 @@ def run() -> list[dict]:
             producer={"batch_size": BATCH},
         )
         result = run_producer(cfg, "synthetic", handle_signals=False, serve_http=False)
-    if result["examples"] != EXAMPLES:
-        raise RuntimeError(f"produced {result['examples']} of {EXAMPLES} examples: {result}")
+        eos_cfg = cfg.model_copy(update={"topics": cfg.topics.model_copy(update={"examples": "examples-eos"})})
+        eos = run_producer(
+            eos_cfg, "synthetic", handle_signals=False, serve_http=False, position_file=Path(tmp) / "position.json"
+        )
+    for r in (result, eos):
+        if r["examples"] != EXAMPLES:
+            raise RuntimeError(f"produced {r['examples']} of {EXAMPLES} examples: {r}")
     produced = result["examples_per_s"]
+    exactly_once = eos["examples_per_s"]
     encoded, generated = encode_rate(SyntheticSource(cfg.synthetic), BATCH)
     mb_per_s = result["bytes"] / result["seconds"] / 1e6
     return [
@@ -87,6 +96,13 @@ def run() -> list[dict]:
             "unit": "examples/s",
             "ratio": produced / encoded,
             "vs": "codec encode of the same batches alone",
+        },
+        {
+            "name": f"the same, exactly-once replay ({eos['transactions']} transactions with the position)",
+            "value": exactly_once,
+            "unit": "examples/s",
+            "ratio": exactly_once / produced,
+            "vs": "the producer without transactions",
         },
         {"name": "codec encode of the same batches", "value": encoded, "unit": "examples/s"},
         {

@@ -1,4 +1,4 @@
-"""Which stream positions have been delivered, and the position file that keeps it across runs.
+"""Which stream positions have been delivered, and how that state is written down.
 
 Batches are acknowledged out of stream order (several partitions, and with the user
 partitioner a batch holds positions scattered over a stretch of the stream), so a single
@@ -7,9 +7,9 @@ partitioner a batch holds positions scattered over a stretch of the stream), so 
 above W that are delivered too. The bitmap spans only what is in flight or buffered, so it stays
 small; it is stored zlib-compressed.
 
-The file is written atomically (temporary file, fsync, rename) and only from acknowledged
-deliveries: after a crash the restart repeats at most what was acknowledged after the last
-write, and never skips anything.
+The truth is the record the producer commits in each transaction with the batches it covers
+(``producers.recovery``); the position file is a cache of the last committed record, written
+atomically (temporary file, fsync, rename), used only where the topic holds no record yet.
 """
 
 from __future__ import annotations
@@ -76,6 +76,13 @@ class Delivered:
             gap = int(np.argmin(window)) if not window.all() else window.size
             self._lo += gap
 
+    def copy(self) -> Delivered:
+        return Delivered(self.watermark, self.above())
+
+    def add_new(self, positions: np.ndarray) -> None:
+        """``add`` of the positions not delivered yet (recovery may see a position twice)."""
+        self.add(positions[~self.contains(positions)])
+
     def contains(self, positions: np.ndarray) -> np.ndarray:
         idx = positions - self._base
         inside = (idx >= 0) & (idx < self._hi)
@@ -86,7 +93,9 @@ class Delivered:
 
 @dataclass
 class Position:
-    """What a restart needs: the delivered set, the next batch sequence number, and counts."""
+    """What a restart needs: the delivered set, the next batch sequence number, counts, and
+    where recovery reads the examples topic on from (per partition, the offset after this
+    producer's last batch that the state covers)."""
 
     source: str
     producer_id: str
@@ -94,6 +103,7 @@ class Position:
     next_seq: int = 0
     examples: int = 0  # examples delivered over all runs
     batches: int = 0
+    offsets: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         above = self.delivered.above()
@@ -107,11 +117,12 @@ class Position:
             "next_seq": self.next_seq,
             "examples": self.examples,
             "batches": self.batches,
+            "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
             "written_at": time.time(),
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: Path) -> Position:
+    def from_json(cls, data: dict[str, Any], where: str, hint: str = "") -> Position:
         try:
             if data.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {data.get('version')!r}, expected {FORMAT_VERSION}")
@@ -125,12 +136,11 @@ class Position:
                 next_seq=int(data["next_seq"]),
                 examples=int(data["examples"]),
                 batches=int(data["batches"]),
+                # Files written before the positions topic have no offsets: recovery reads from 0.
+                offsets={int(p): int(o) for p, o in data.get("offsets", {}).items()},
             )
-        except (KeyError, ValueError, TypeError, zlib.error) as exc:
-            raise ConfigError(
-                f"position file {where} is not readable ({exc}); delete it to start the replay "
-                "from the beginning, or point producer.position_file elsewhere"
-            ) from None
+        except (KeyError, ValueError, TypeError, AttributeError, zlib.error) as exc:
+            raise ConfigError(f"{where} is not readable ({exc}){hint}") from None
 
 
 def load(path: Path, source: str, producer_id: str) -> Position:
@@ -141,7 +151,11 @@ def load(path: Path, source: str, producer_id: str) -> Position:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"position file {path} is not valid JSON ({exc}); delete it to start over") from None
-    pos = Position.from_json(data, path)
+    hint = (
+        "; delete it (a restart then resumes from the positions topic, or from the start) "
+        "or point producer.position_file elsewhere"
+    )
+    pos = Position.from_json(data, f"position file {path}", hint)
     if pos.source != source:
         raise ConfigError(
             f"position file {path} belongs to the {pos.source!r} source, not {source!r}; "

@@ -9,10 +9,15 @@ One loop (``step``), top to bottom:
 4. send a buffer as one batch when it holds ``batch_size`` examples or its oldest example has
    waited ``linger_ms``; never more than ``max_in_flight_batches`` unacknowledged (the loop
    waits on ``poll`` instead: memory stays bounded whatever the broker does);
-5. every second, write the position file from what was acknowledged.
+5. with a position file (a resumable replay), commit the batches in transactions together with
+   the position they bring the replay to (``producers.transaction``); a restart resumes from
+   the last committed position (``producers.recovery``), so after any number of SIGKILLs each
+   position is in the topic once. The file is only a cache of that position, written every
+   second. Without a position file, batches count as delivered when acknowledged.
 
 Stop order on SIGTERM: the loop finishes its step, then everything accepted is sent, the client
-is flushed (every delivery report served), and the position file is written last.
+is flushed (every delivery report served), the last transaction committed, and the position
+file written last.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from pydantic import ValidationError
 from distill import metrics as m
 from distill.config import Config, ProducerConfig
 from distill.exceptions import ConfigError, DeliveryError
-from distill.kafka import Clients, ensure_topics, partition_count
+from distill.kafka import Clients, ensure_topics, partition_count, retrying
 from distill.service import Service
 from distill.wire import Codec, ExampleBatch
 from producers import position as positions
+from producers import recovery
 from producers.sources import Chunk, Source, check_columns, make_source
+from producers.transaction import TXN_TIMEOUT_MS, Sent, Transactions
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +149,16 @@ class ProducerService:
         self.labels = (pcfg.producer_id, source.name)
 
         self.position_file = Path(pcfg.position_file) if pcfg.position_file else None
+        # A position file makes the replay resumable, and resumable means exactly-once:
+        # transactions, and the position recovered from Kafka on start (the file is the fallback).
+        self.exactly_once = self.position_file is not None
         self.position = (
             positions.load(self.position_file, source.name, pcfg.producer_id)
             if self.position_file
             else positions.Position(source.name, pcfg.producer_id)
         )
-        self.delivered = self.position.delivered
+        self.next_seq = self.position.next_seq
+        self.txn: Transactions | None = None
         self.pacer = Pacer(pcfg.rate, pcfg.speedup)
 
         self.partitions = 0
@@ -185,12 +196,20 @@ class ProducerService:
         self._buffer_limit = 0  # set by start(), from the partition count
         self._resuming = False
 
+    @property
+    def delivered(self) -> positions.Delivered:
+        return self.position.delivered
+
     # -- set-up ------------------------------------------------------------------------------
     def start(self) -> None:
         admin = self.clients.admin()
         ensure_topics(self.config, admin)
         self.partitions = partition_count(admin, self.topic) or self.config.topics.partitions
-        self.producer = self.clients.producer()
+        self._started = time.monotonic()  # the run's seconds include the recovery
+        if self.exactly_once:
+            self._start_transactions(admin)
+        else:
+            self.producer = self.clients.producer()
         user = self.pcfg.partitioner == "user"
         self.buffers = [_Buffer() for _ in range(self.partitions if user else 1)]
         # Large enough for a full batch per partition from one chunk, small enough to bound memory.
@@ -199,7 +218,6 @@ class ProducerService:
         start = self.delivered.watermark
         self._resuming = self.delivered.above().any()
         self._chunks = iter(self.source.chunks(start=start, size=chunk_rows))
-        self._started = time.monotonic()
         m.PRODUCER_QUEUE.labels(self.pcfg.producer_id).set(0)
         self.service.set_ready(True, f"producing to {self.topic} ({self.partitions} partitions)")
         log.info(
@@ -213,6 +231,20 @@ class ProducerService:
             },
         )
 
+    def _start_transactions(self, admin: Any) -> None:
+        pid = self.pcfg.producer_id
+        topic = recovery.positions_topic(self.topic)
+        recovery.ensure_positions_topic(admin, topic, self.config.topics.replication_factor)
+        tid = f"producer.{pid}"
+        self.producer = self.clients.producer(transactional_id=tid, **{"transaction.timeout.ms": TXN_TIMEOUT_MS})
+        # First: this aborts the open transaction of a killed predecessor (and fences it).
+        for attempt in retrying("initialising transactions", 60.0):
+            with attempt:
+                self.producer.init_transactions(10)
+        self.position = recovery.recover(self.clients, self.topic, self.source.name, pid, self.position)
+        self.next_seq = self.position.next_seq
+        self.txn = Transactions(self.producer, topic, tid, self._produce, self.service.heartbeat)
+
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> bool:
         try:
@@ -221,6 +253,8 @@ class ProducerService:
             now = time.monotonic()
             self._accept(now)
             self._flush(now, force=self.exhausted)
+            if self.txn is not None and (self.txn.due(now) or (self.exhausted and not self._buffered())):
+                self._commit()
             self._maybe_save(now)
             self._progress(now)
             if self.exhausted and not self._buffered():
@@ -303,9 +337,8 @@ class ProducerService:
             self._rr_next += 1
         else:
             partition = buffer_index
-        self._wait_for_room()
-        seq = self.position.next_seq
-        self.position.next_seq += 1
+        seq = self.next_seq
+        self.next_seq += 1
         pid = self.pcfg.producer_id
         batch = ExampleBatch(
             batch_id=f"{pid}-{self.run_token}-{seq}",
@@ -326,21 +359,30 @@ class ProducerService:
         except Exception:
             m.PRODUCER_ERRORS.labels(*self.labels).inc()
             raise
-        report = functools.partial(
-            self._on_delivery,
-            chunk.positions,
-            len(chunk),
-            len(value),
-            int(chunk.event_time_ms.max()),
+        sent = Sent(
+            partition=partition,
+            key=batch.batch_id.encode(),
+            value=value,
+            headers=headers + recovery.batch_headers(pid, seq, chunk.positions),
+            positions=chunk.positions,
+            newest_ms=int(chunk.event_time_ms.max()),
         )
+        if self.txn is not None:
+            self.txn.add(sent)
+        else:
+            self._produce(sent)
+
+    def _produce(self, sent: Sent) -> None:
+        self._wait_for_room()
+        report = functools.partial(self._on_delivery, sent)
         while True:
             try:
                 self.producer.produce(
                     self.topic,
-                    value=value,
-                    key=batch.batch_id.encode(),
-                    headers=headers,
-                    partition=partition,
+                    value=sent.value,
+                    key=sent.key,
+                    headers=sent.headers,
+                    partition=sent.partition,
                     on_delivery=report,
                 )
                 break
@@ -349,7 +391,7 @@ class ProducerService:
                 self.producer.poll(0.05)
         self.in_flight += 1
         self.counts["max_in_flight"] = max(self.counts["max_in_flight"], self.in_flight)
-        m.PRODUCER_QUEUE.labels(pid).set(self.in_flight)
+        m.PRODUCER_QUEUE.labels(self.pcfg.producer_id).set(self.in_flight)
 
     def _wait_for_room(self) -> None:
         """Back-pressure: block on delivery reports while the in-flight window is full."""
@@ -364,7 +406,7 @@ class ProducerService:
                     f"{self.in_flight} batches unacknowledged for {NOT_READY_AFTER_S:.0f}s; is the broker reachable?",
                 )
 
-    def _on_delivery(self, positions_: np.ndarray, n: int, nbytes: int, newest_ms: int, err: Any, _msg: Any) -> None:
+    def _on_delivery(self, sent: Sent, err: Any, msg: Any) -> None:
         # Called from poll()/flush() on this thread: no lock needed.
         self.in_flight -= 1
         m.PRODUCER_QUEUE.labels(self.pcfg.producer_id).set(self.in_flight)
@@ -374,23 +416,59 @@ class ProducerService:
             self.counts["failed_batches"] += 1
             m.PRODUCER_ERRORS.labels(*self.labels).inc()
             return
-        self.delivered.add(positions_)
-        self.position.examples += n
-        self.position.batches += 1
-        self.counts["examples"] += n
-        self.counts["batches"] += 1
-        self.counts["bytes"] += nbytes
-        self._dirty = True
-        m.PRODUCER_EXAMPLES.labels(*self.labels).inc(n)
-        m.PRODUCER_BATCHES.labels(*self.labels).inc()
-        m.PRODUCER_BYTES.labels(*self.labels).inc(nbytes)
-        if newest_ms > self._newest_ms:
-            self._newest_ms = newest_ms
-            m.PRODUCER_EVENT_TIME.labels(self.pcfg.producer_id).set(newest_ms / 1000.0)
+        if self.txn is not None:
+            sent.offset = msg.offset()  # counted when its transaction commits
+        else:
+            self.delivered.add(sent.positions)
+            self._count(sent)
         if self._stalled:
             self._stalled = False
             if not self.service.stopping.is_set():
                 self.service.set_ready(True, "deliveries acknowledged again")
+
+    def _count(self, sent: Sent) -> None:
+        n, nbytes = len(sent.positions), len(sent.value)
+        self.counts["examples"] += n
+        self.counts["batches"] += 1
+        self.counts["bytes"] += nbytes
+        m.PRODUCER_EXAMPLES.labels(*self.labels).inc(n)
+        m.PRODUCER_BATCHES.labels(*self.labels).inc()
+        m.PRODUCER_BYTES.labels(*self.labels).inc(nbytes)
+        if sent.newest_ms > self._newest_ms:
+            self._newest_ms = sent.newest_ms
+            m.PRODUCER_EVENT_TIME.labels(self.pcfg.producer_id).set(sent.newest_ms / 1000.0)
+
+    def _commit(self) -> None:
+        if not self.txn.batches:
+            return
+        self.position, done = self.txn.commit(self._next_position, self._flush_client)
+        for sent in done:
+            self._count(sent)
+        self._dirty = True
+
+    def _next_position(self, batches: list[Sent]) -> positions.Position:
+        """The committed position plus the open transaction's (acknowledged) batches."""
+        old = self.position
+        delivered = old.delivered.copy()
+        offsets = dict(old.offsets)
+        for sent in batches:
+            delivered.add(sent.positions)
+            offsets[sent.partition] = max(offsets.get(sent.partition, 0), sent.offset + 1)
+        return positions.Position(
+            source=old.source,
+            producer_id=old.producer_id,
+            delivered=delivered,
+            next_seq=self.next_seq,
+            examples=old.examples + sum(len(s.positions) for s in batches),
+            batches=old.batches + len(batches),
+            offsets=offsets,
+        )
+
+    def _flush_client(self) -> None:
+        left = self.producer.flush(FLUSH_TIMEOUT_S)
+        self._raise_failures()
+        if left:
+            raise DeliveryError(f"{left} example batches still unacknowledged after {FLUSH_TIMEOUT_S:.0f}s")
 
     def _raise_failures(self) -> None:
         if self._failures:
@@ -426,6 +504,8 @@ class ProducerService:
             deadlines.append(float(self._release[self._cursor]))
         linger = self.pcfg.linger_ms / 1000.0
         deadlines += [b.since + linger for b in self.buffers if b.rows]
+        if self.txn is not None and self.txn.deadline() is not None:
+            deadlines.append(self.txn.deadline())
         wait = min(deadlines) - now if deadlines else 0.0
         # At least 1 ms so a high rate releases examples in groups rather than one per step.
         self.producer.poll(min(max(wait, 0.001), 0.1) if wait > 0 else 0)
@@ -439,6 +519,10 @@ class ProducerService:
         if not self._failed:
             # Everything already accepted goes out before the client is flushed.
             self._flush(time.monotonic(), force=True)
+            if self.txn is not None:
+                self._commit()
+        elif self.txn is not None:
+            self.txn.abandon()
         left = self.producer.flush(FLUSH_TIMEOUT_S)
         if left:
             log.error("messages still unacknowledged after flush", extra={"count": left})
@@ -462,7 +546,8 @@ class ProducerService:
             "stopped": self.stop_reason or "signal",
             **self.counts,
             "position": self.delivered.watermark,
-            "next_seq": self.position.next_seq,
+            "next_seq": self.next_seq,
+            "transactions": self.txn.commits if self.txn is not None else 0,
             "seconds": round(seconds, 3),
             "examples_per_s": round(self.counts["examples"] / seconds, 1) if seconds > 0 else 0.0,
         }
@@ -504,8 +589,9 @@ def run_producer(
     The counts: ``source``, ``producer_id``, ``topic``, ``partitions``, ``stopped``
     (``end_of_data``, ``max_examples`` or ``signal``), ``accepted`` (taken from the source),
     ``skipped`` (delivered by an earlier run), ``examples``/``batches``/``bytes`` (acknowledged
-    in this run), ``failed_batches``, ``max_in_flight``, ``position`` (every position below it
-    is delivered), ``next_seq``, ``seconds`` and ``examples_per_s``.
+    in this run; with a position file, committed), ``failed_batches``, ``max_in_flight``,
+    ``position`` (every position below it is delivered), ``next_seq``, ``transactions``
+    (committed; 0 without a position file), ``seconds`` and ``examples_per_s``.
     """
     pcfg = producer_settings(config, **producer_overrides)
     src = source if isinstance(source, Source) else make_source(config, source, **(source_options or {}))

@@ -185,7 +185,11 @@ def test_stop_flushes_everything_accepted_and_serves_metrics(make_config, read_b
     thread = threading.Thread(target=lambda: results.append(worker.run()))
     thread.start()
     try:
-        time.sleep(0.8)
+        # Ready once transactions are initialised and the position is recovered (about 0.5 s).
+        deadline = time.monotonic() + 10
+        while not service.ready()[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
             assert json.load(r)["ok"] is True
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:

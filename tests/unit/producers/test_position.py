@@ -72,3 +72,23 @@ def test_missing_file_starts_fresh_and_bad_files_are_explained(tmp_path):
     path.write_text(json.dumps({"version": 1, "source": "movielens"}))
     with pytest.raises(ConfigError, match=r"not readable.*delete it"):
         position.load(path, "movielens", "p")
+
+
+def test_copy_is_independent_and_add_new_tolerates_repeats():
+    d = Delivered()
+    d.add(np.array([0, 1, 5]))
+    c = d.copy()
+    c.add(np.array([2, 3, 4]))
+    assert d.watermark == 2 and c.watermark == 6
+    c.add_new(np.array([4, 5, 6, 6]))  # recovery may see a position twice
+    assert c.watermark == 7
+
+
+def test_offsets_round_trip_and_old_files_have_none(tmp_path):
+    path = tmp_path / "p.json"
+    position.save(path, Position("synthetic", "p", offsets={0: 12, 3: 7}))
+    assert position.load(path, "synthetic", "p").offsets == {0: 12, 3: 7}
+    data = json.loads(path.read_text())
+    del data["offsets"]
+    path.write_text(json.dumps(data))
+    assert position.load(path, "synthetic", "p").offsets == {}
