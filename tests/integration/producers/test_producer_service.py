@@ -185,7 +185,7 @@ def test_stop_flushes_everything_accepted_and_serves_metrics(make_config, read_b
     thread = threading.Thread(target=lambda: results.append(worker.run()))
     thread.start()
     try:
-        # Ready once transactions are initialised and the position is recovered (about 0.5 s).
+        # Ready once transactions are initialised and the position is recovered (a few 100 ms).
         deadline = time.monotonic() + 10
         while not service.ready()[0] and time.monotonic() < deadline:
             time.sleep(0.05)
