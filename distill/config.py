@@ -71,6 +71,9 @@ class TopicsConfig(_Strict):
 class TaskConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     type: TaskType = "binary"
+    # Weight of this task's loss in every model's sum. Regression targets are standardised
+    # online (ModelConfig.standardize_targets), so the tasks start on one scale.
+    loss_weight: float = Field(default=1.0, ge=0.0)
 
 
 class CategoricalFeature(_Strict):
@@ -97,6 +100,15 @@ class FeaturesConfig(_Strict):
     def categorical_names(self) -> list[str]:
         return [c.name for c in self.categorical]
 
+    def subset(self, names: list[str] | None) -> FeaturesConfig:
+        """The features a model uses: ``names`` in the configured order; None: all of them."""
+        if names is None:
+            return self
+        return FeaturesConfig(
+            categorical=[c for c in self.categorical if c.name in names],
+            dense=[d for d in self.dense if d in names],
+        )
+
 
 class WireConfig(_Strict):
     non_finite: NonFinitePolicy = "reject"
@@ -104,6 +116,10 @@ class WireConfig(_Strict):
 
 
 ModelKind = Literal["ranking", "null"]
+# adagrad: embedding tables get sparse gradients and row-wise updates (only the rows a batch
+# touched move, with their own learning rate), dense layers Adam. adam: one dense Adam over
+# every parameter (every row moves on every step by momentum; the behaviour before 0.2).
+TableOptimizer = Literal["adagrad", "adam"]
 
 
 class ModelConfig(_Strict):
@@ -115,8 +131,13 @@ class ModelConfig(_Strict):
     hidden: list[int] = Field(default_factory=lambda: [256, 128])
     cross_layers: int = Field(default=1, ge=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    learning_rate: float = Field(default=5e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    learning_rate: float = Field(default=5e-3, gt=0)  # the dense layers' (Adam)
+    table_optimizer: TableOptimizer = "adagrad"
+    table_learning_rate: float = Field(default=0.05, gt=0)  # the embedding tables' (adagrad)
+    weight_decay: float = Field(default=0.0, ge=0)  # dense layers only
+    # Regression targets standardised by running mean and variance (checkpointed; the serving
+    # export and the published labels are in the target's own units).
+    standardize_targets: bool = True
     seed: int = 0
 
     @field_validator("hidden")
@@ -135,7 +156,9 @@ class CheckpointConfig(_Strict):
 
 # A role's model defaults; a partial [teacher.model] or students[i].model is merged over them
 # (not over ModelConfig's), so setting `hidden` alone keeps the role's embedding_dim.
-_TEACHER_MODEL = {"hidden": [512, 256, 128], "embedding_dim": 32, "cross_layers": 2, "learning_rate": 0.01}
+# The teacher: wide tables and one wide layer learn fastest in one pass over a stream (a deep
+# tower learns too slowly to lead); at least 3x the student's parameters.
+_TEACHER_MODEL = {"hidden": [256], "embedding_dim": 64, "cross_layers": 1, "learning_rate": 0.003}
 _STUDENT_MODEL = {"hidden": [64], "embedding_dim": 8, "cross_layers": 0, "learning_rate": 0.01}
 
 
@@ -182,6 +205,17 @@ class TeacherConfig(_Strict):
         return _over(_TEACHER_MODEL, v)
 
 
+class GateConfig(_Strict):
+    """The teacher-quality gate: a student distils a task only as far as the teacher leads."""
+
+    enabled: bool = True
+    # The relative lead (student's serving-head loss - the labels' loss) / student's loss at
+    # which the full soft_weight applies; 0 at or below no lead, linear in between.
+    margin: float = Field(default=0.01, gt=0)
+    # Both losses are exponentially weighted over this many examples (half-life).
+    half_life_examples: int = Field(default=10_000, ge=1)
+
+
 class StudentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(**_STUDENT_MODEL))
@@ -189,7 +223,11 @@ class StudentConfig(_Strict):
     # aux: weight of the auxiliary head's loss; direct: share of the soft target (at most 1).
     soft_weight: float = Field(default=0.5, ge=0.0)
     temperature: float = Field(default=1.0, gt=0)
-    distill_tasks: list[str] | None = None  # None: every task
+    distill_tasks: list[str] | None = None  # None: every task; []: none
+    gate: GateConfig = Field(default_factory=GateConfig)
+    # The features this student's model reads (categorical and dense names); None: all. A
+    # student may serve with fewer features than the teacher sees.
+    features: list[str] | None = None
     label_wait_s: float = Field(default=5.0, ge=0)
     max_pending_batches: int = Field(default=64, ge=1)
     device: Device = "auto"
@@ -290,10 +328,16 @@ class Config(_Strict):
         students = [s.name for s in self.students]
         if len(set(students)) != len(students):
             raise ValueError(f"students: names must be unique, got {students}")
+        features = self.features.categorical_names + list(self.features.dense)
         for s in self.students:
             unknown = set(s.distill_tasks or []) - set(names)
             if unknown:
                 raise ValueError(f"students.{s.name}.distill_tasks: unknown tasks {sorted(unknown)}; allowed: {names}")
+            unknown = set(s.features or []) - set(features)
+            if unknown:
+                raise ValueError(f"students.{s.name}.features: unknown features {sorted(unknown)}; allowed: {features}")
+            if s.features is not None and not s.features:
+                raise ValueError(f"students.{s.name}.features: give at least one feature, or leave it out for all")
         if len({self.topics.examples, self.topics.labels, self.topics.checkpoints}) != 3:
             raise ValueError("topics: examples, labels and checkpoints must be three different topics")
         return self
@@ -303,6 +347,12 @@ class Config(_Strict):
             if s.name == name:
                 return s
         raise ConfigError(f"no student named {name!r}; configured students: {[s.name for s in self.students]}")
+
+    def distilled_tasks(self, student: StudentConfig) -> list[int]:
+        """Indices of the tasks a student distils: every task when distill_tasks is None."""
+        names = [t.name for t in self.tasks]
+        wanted = names if student.distill_tasks is None else student.distill_tasks
+        return [i for i, n in enumerate(names) if n in wanted]
 
     def task_types(self) -> dict[str, TaskType]:
         return {t.name: t.type for t in self.tasks}

@@ -32,6 +32,12 @@ def hard_losses(main: torch.Tensor, labels: torch.Tensor, kinds: list[TaskType])
     return [task_loss(main[:, i].float(), labels[:, i], kind) for i, kind in enumerate(kinds)]
 
 
+def weighted_sum(losses: list[torch.Tensor], weights: list[float] | None) -> torch.Tensor:
+    if weights is None:
+        return torch.stack(losses).sum()
+    return torch.stack([w * x for w, x in zip(weights, losses, strict=True)]).sum()
+
+
 def student_loss(
     mode: DistillMode,
     main: torch.Tensor,
@@ -40,31 +46,38 @@ def student_loss(
     teacher: torch.Tensor | None,
     kinds: list[TaskType],
     distilled: list[int],
-    soft_weight: float,
+    soft_weights: list[float] | float,
     temperature: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and its parts by name (``<task index>.main`` / ``.aux``).
+    task_weights: list[float] | None = None,
+) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
+    """Total loss and its parts by (task index, head): head ``main``, ``soft`` or ``aux``.
 
     ``teacher`` is None when no label joined this batch: every mode falls back to hard labels.
-    ``distilled`` lists the task indices the teacher teaches; aux column j belongs to distilled[j].
+    ``distilled`` lists the task indices the teacher teaches; aux column j belongs to distilled[j],
+    and so does ``soft_weights[j]`` (one number: the same for every distilled task).
+    ``task_weights`` scale each task's part (hard and soft alike); None: 1 each.
     """
     hard = hard_losses(main, labels, kinds)
-    parts = {f"{i}.main": h for i, h in enumerate(hard)}
-    if teacher is None or mode == "none":
-        return torch.stack(hard).sum(), parts
+    parts: dict[tuple[int, str], torch.Tensor] = {(i, "main"): h for i, h in enumerate(hard)}
+    if teacher is None or mode == "none" or not distilled:
+        return weighted_sum(hard, task_weights), parts
+    if isinstance(soft_weights, float | int):
+        soft_weights = [float(soft_weights)] * len(distilled)
+    weight_of = dict(zip(distilled, soft_weights, strict=True))
     if mode == "direct":
         total = []
         for i, h in enumerate(hard):
-            if i in distilled:
+            if i in weight_of:
                 s = soft_loss(main[:, i].float(), teacher[:, i], kinds[i], temperature)
-                parts[f"{i}.soft"] = s
-                h = (1 - soft_weight) * h + soft_weight * s
+                parts[(i, "soft")] = s
+                h = (1 - weight_of[i]) * h + weight_of[i] * s
             total.append(h)
-        return torch.stack(total).sum(), parts
+        return weighted_sum(total, task_weights), parts
     assert aux is not None, "aux mode needs a model built with aux heads"
     soft = []
     for j, i in enumerate(distilled):
         s = soft_loss(aux[:, j].float(), teacher[:, i], kinds[i], temperature)
-        parts[f"{i}.aux"] = s
-        soft.append(s)
-    return torch.stack(hard).sum() + soft_weight * torch.stack(soft).sum(), parts
+        parts[(i, "aux")] = s
+        scale = weight_of[i] * (task_weights[i] if task_weights is not None else 1.0)
+        soft.append(scale * s)
+    return weighted_sum(hard, task_weights) + torch.stack(soft).sum(), parts

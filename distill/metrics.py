@@ -130,6 +130,17 @@ STUDENT_LABEL_DELAY = Histogram(
     "distill_student_label_delay_seconds", "Label arrival minus example arrival", ["student"], buckets=DELAY_BUCKETS
 )
 STUDENT_LOSS = Gauge("distill_student_loss", "Training loss of the last step", ["student", "task", "head"])
+STUDENT_SOFT_WEIGHT = Gauge(
+    "distill_student_soft_weight",
+    "Soft-label weight in effect for a distilled task (the teacher-quality gate's output)",
+    ["student", "task"],
+)
+STUDENT_TEACHER_LEAD = Gauge(
+    "distill_student_teacher_lead_ratio",
+    "Smoothed relative lead of the received labels over the student's serving head: "
+    "(serving-head loss - label loss) / serving-head loss; negative when the labels are worse",
+    ["student", "task"],
+)
 STUDENT_METRIC = Gauge(
     "distill_student_metric",
     "Progressive (predict-before-train) metric; head=teacher scores the teacher's labels",

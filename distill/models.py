@@ -4,9 +4,15 @@ Hashed embedding tables for categorical ids (any id range), dense features, opti
 cross layers, an MLP tower and one head per task (binary: a logit; regression: a value).
 Students add an auxiliary head per distilled task on the same tower; it learns the teacher's
 soft labels and is never served.
+
+Regression heads learn standardised targets: the model keeps each regression target's running
+mean and variance (buffers, so they are checkpointed) and ``to_raw`` turns head outputs back
+into the target's units. Published labels, metrics and the serving model are in raw units.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -14,6 +20,12 @@ from torch import nn
 
 from distill.config import Device, FeaturesConfig, ModelConfig, TaskConfig
 from distill.wire import ExampleBatch
+
+log = logging.getLogger(__name__)
+
+# Sparse table gradients come from autograd, valid by construction: no per-step invariant
+# checks (the default; said explicitly, which also silences torch's warning about it).
+torch.sparse.check_sparse_tensor_invariants.disable()
 
 # Fibonacci hashing constant (2**64 / golden ratio) as a signed int64; torch wraps on overflow.
 _HASH_MULTIPLIER = -7046029254386353131
@@ -46,7 +58,19 @@ class RankingModel(nn.Module):
         self.task_names = [t.name for t in tasks]
         self.aux_tasks = list(aux_tasks or [])
         self.register_buffer("buckets", torch.tensor([f.buckets for f in features.categorical], dtype=torch.long))
-        self.tables = nn.ModuleList(nn.Embedding(f.buckets, model.embedding_dim) for f in features.categorical)
+        sparse = model.table_optimizer == "adagrad"
+        self.tables = nn.ModuleList(
+            nn.Embedding(f.buckets, model.embedding_dim, sparse=sparse) for f in features.categorical
+        )
+        # Running moments of the regression targets (binary columns stay 0 and 1: identity).
+        # target_count < 0 freezes them (a checkpoint from before standardisation: raw units).
+        regression = [t.type == "regression" for t in tasks]
+        self.register_buffer("regression", torch.tensor(regression, dtype=torch.bool), persistent=False)
+        self.register_buffer("target_mean", torch.zeros(len(tasks)))
+        self.register_buffer("target_var", torch.ones(len(tasks)))
+        self.register_buffer("target_count", torch.tensor(0.0 if model.standardize_targets else -1.0))
+        aux_index = [self.task_names.index(t) for t in self.aux_tasks]
+        self.register_buffer("aux_index", torch.tensor(aux_index, dtype=torch.long), persistent=False)
         for table in self.tables:
             nn.init.normal_(table.weight, std=0.05)
         in_dim = len(features.categorical) * model.embedding_dim + len(features.dense)
@@ -94,20 +118,73 @@ class RankingModel(nn.Module):
         return self.tower(x)
 
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (main outputs [n, tasks], auxiliary outputs [n, aux tasks] or None)."""
+        """Returns (main outputs [n, tasks], auxiliary outputs [n, aux tasks] or None), in
+        the model's own units (regression standardised); ``to_raw`` converts them."""
         h = self.embed(categorical, dense)
         return self.head(h), (self.aux_head(h) if self.aux_head is not None else None)
 
+    # -- target standardisation ------------------------------------------------------------
+    def _scale(self, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = self.target_mean, self.target_var.clamp_min(1e-12).sqrt()
+        if columns is not None:
+            mean, std = mean[columns], std[columns]
+        return mean, std
+
+    def to_raw(self, outputs: torch.Tensor, aux: bool = False) -> torch.Tensor:
+        """Head outputs in the targets' units: logits stay logits, values are unstandardised."""
+        mean, std = self._scale(self.aux_index if aux else None)
+        return outputs.float() * std + mean
+
+    def standardize(self, values: torch.Tensor) -> torch.Tensor:
+        """Targets or teacher values [n, tasks] in raw units -> the model's units."""
+        mean, std = self._scale(None)
+        return (values - mean) / std
+
+    @torch.no_grad()
+    def observe_targets(self, moments: torch.Tensor) -> None:
+        """Merge a batch's (count, sum, sum of squares) per task [3, tasks] into the running
+        mean and variance of the regression targets (exact, Chan et al.'s pairwise update)."""
+        if self.target_count.item() < 0 or not bool(self.regression.any()):
+            return
+        n_b = moments[0].clamp_min(1.0)
+        mean_b = moments[1] / n_b
+        var_b = (moments[2] / n_b - mean_b * mean_b).clamp_min(0.0)
+        n_a = self.target_count
+        n = n_a + moments[0]
+        delta = mean_b - self.target_mean
+        mean = self.target_mean + delta * moments[0] / n
+        var = (self.target_var * n_a + var_b * moments[0] + delta * delta * n_a * moments[0] / n) / n
+        keep = self.regression & (moments[0] > 0)
+        self.target_mean.copy_(torch.where(keep, mean, self.target_mean))
+        self.target_var.copy_(torch.where(keep, var, self.target_var))
+        self.target_count.add_(moments[0].max())
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        state = dict(state_dict)
+        if "target_count" not in state:
+            # Written before targets were standardised: its regression heads output raw units.
+            log.warning("checkpoint predates target standardisation: this model keeps raw regression units")
+            state["target_mean"] = torch.zeros_like(self.target_mean)
+            state["target_var"] = torch.ones_like(self.target_var)
+            state["target_count"] = torch.tensor(-1.0)
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+
+def target_moments(labels: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares) per task column of a batch: [3, tasks], float64."""
+    x = labels.double()
+    return torch.stack([torch.full_like(x[0], x.shape[0]), x.sum(0), (x * x).sum(0)])
+
 
 class ServingModel(nn.Module):
-    """What is exported: the shared layers and the main heads only."""
+    """What is exported: the shared layers and the main heads only, in the targets' units."""
 
     def __init__(self, model: RankingModel):
         super().__init__()
         self.model = model
 
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.embed(categorical, dense))
+        return self.model.to_raw(self.model.head(self.model.embed(categorical, dense)))
 
 
 def _tensor(arr: np.ndarray, device: torch.device, pin: bool) -> torch.Tensor:
@@ -139,11 +216,59 @@ def weights_finite(model: nn.Module) -> bool:
     return all(torch.isfinite(p).all().item() for p in model.parameters())
 
 
-def make_optimizer(model: nn.Module, config: ModelConfig) -> torch.optim.Optimizer:
-    """Adam, fused where this torch supports it: on CPU the fused kernel is about 2.5x faster,
-    and the optimizer step over the embedding tables is most of a small model's time."""
-    params = list(model.parameters())
+class ModelOptimizer:
+    """The field's split (TorchRec, FBGEMM): embedding tables get sparse gradients and
+    row-wise Adagrad with their own learning rate, so a row the batch did not touch does not
+    move; the dense layers get Adam (fused where this torch has the kernel).
+
+    With ``table_optimizer = "adam"`` it is one dense Adam over every parameter, as before.
+    """
+
+    def __init__(self, model: RankingModel, config: ModelConfig):
+        tables = [p for name, p in model.named_parameters() if name.startswith("tables.")]
+        sparse = config.table_optimizer == "adagrad"
+        dense = [p for name, p in model.named_parameters() if not (sparse and name.startswith("tables."))]
+        self.dense = _adam(dense, config)
+        self.tables = torch.optim.Adagrad(tables, lr=config.table_learning_rate) if sparse and tables else None
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.dense] + ([self.tables] if self.tables is not None else [])
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict:
+        if self.tables is None:
+            return self.dense.state_dict()  # the single-Adam format, unchanged
+        return {"dense": self.dense.state_dict(), "tables": self.tables.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        split = "tables" in state and "dense" in state
+        if split != (self.tables is not None):
+            # Weights are kept; only the optimizer's moments start again.
+            log.warning("checkpoint's optimizer state is for another table optimizer: optimizer state reset")
+            return
+        if not split:
+            self.dense.load_state_dict(state)
+            return
+        self.dense.load_state_dict(state["dense"])
+        assert self.tables is not None
+        self.tables.load_state_dict(state["tables"])
+
+
+def _adam(params: list[nn.Parameter], config: ModelConfig) -> torch.optim.Optimizer:
+    # The fused kernel is about 2.5x faster on CPU than the loop.
     try:
         return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     except (RuntimeError, TypeError):  # older torch, or a device without the fused kernel
         return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def make_optimizer(model: RankingModel, config: ModelConfig) -> ModelOptimizer:
+    return ModelOptimizer(model, config)

@@ -43,9 +43,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from distill.checkpoint import atomic_write
-from distill.config import Config, ModelConfig, StudentConfig
+from distill.config import Config, DistillMode, ModelConfig, StudentConfig
 from distill.evaluation import ProgressiveEvaluator
 from distill.exceptions import ConfigError
+from distill.gate import TeacherGate
 from distill.halving import (
     OBJECTIVES,
     Budget,
@@ -57,9 +58,9 @@ from distill.halving import (
     score,
     successive_halving,
 )
-from distill.losses import hard_losses, student_loss
-from distill.models import RankingModel, autocast, batch_tensors, make_optimizer, resolve_device
+from distill.models import resolve_device
 from distill.replay import Window, iso_ms, read_window
+from distill.step import Learner, Objective
 from distill.wire import ExampleBatch
 
 log = logging.getLogger(__name__)
@@ -186,17 +187,6 @@ def load_candidates(path: Path, base: ModelConfig) -> list[Candidate]:
 # -- the models: teacher (predict, then train) and proxy students --------------------------
 
 
-@dataclass
-class _Tensors:
-    """One batch as tensors, made once and shared by every model of the row."""
-
-    cat: torch.Tensor
-    dense: torch.Tensor
-    labels: torch.Tensor
-    labels_np: np.ndarray
-    size: int
-
-
 class _Scores:
     """Progressive metrics of one model over everything it processed and, where the halving
     compares on it, over the current slice."""
@@ -225,74 +215,43 @@ class _Scores:
 
 
 class SweepTeacher:
-    """The teacher worker's learning, without Kafka: eval forward without grad (the label),
-    then one training step on the hard labels."""
+    """The teacher worker's learning, without Kafka: ``Learner.step`` with the teacher's
+    objective; the step's pre-step scores are the labels."""
 
     def __init__(self, config: Config, model: ModelConfig, device: torch.device):
-        torch.manual_seed(model.seed)
-        self.model = RankingModel(config.features, config.tasks, model).to(device)
-        self.optimizer = make_optimizer(self.model, model)
-        self.kinds = [t.type for t in config.tasks]
-        self.device = device
+        self.learner = Learner.build(config, model, Objective.teacher(config), device)
+        self.model = self.learner.model
         self.scores = _Scores(config, slices=False)  # reported over everything it processed
         self.nan_steps = 0
 
-    def label_then_train(self, b: _Tensors) -> torch.Tensor:
-        self.model.eval()
-        with torch.no_grad(), autocast(self.device):
-            main, _ = self.model(b.cat, b.dense)
-        logits = main.float()
-        self.scores.update(logits.cpu().numpy(), b.labels_np)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device):
-            out, _ = self.model(b.cat, b.dense)
-        loss = torch.stack(hard_losses(out, b.labels, self.kinds)).sum()
-        if torch.isfinite(loss):
-            loss.backward()
-            self.optimizer.step()
-        else:
-            self.nan_steps += 1  # the worker skips the step too
-        return logits
+    def label_then_train(self, batch: ExampleBatch) -> np.ndarray:
+        scored = self.learner.step(self.learner.tensors(batch))
+        assert scored is not None
+        self.scores.update(scored.main, batch.labels)
+        self.nan_steps += 0 if scored.stepped else 1  # the worker skips the step too
+        return scored.main
 
 
 class ProxyStudent:
-    """The student worker's learning: scored by its training forward pass, then one step."""
+    """The student worker's learning: ``Learner.step`` with the student's objective and gate."""
 
-    def __init__(self, config: Config, sc: StudentConfig, mode: str, device: torch.device):
-        names = [t.name for t in config.tasks]
-        self.distilled = [names.index(t) for t in (sc.distill_tasks or names)]
-        self.sc, self.mode, self.device = sc, mode, device
-        self.kinds = [t.type for t in config.tasks]
-        torch.manual_seed(sc.model.seed)  # the same initial shared layers for aux and none
-        aux = [names[i] for i in self.distilled] if mode == "aux" else None
-        self.model = RankingModel(config.features, config.tasks, sc.model, aux_tasks=aux).to(device)
-        self.model.train()
-        self.optimizer = make_optimizer(self.model, sc.model)
+    def __init__(self, config: Config, sc: StudentConfig, mode: DistillMode, device: torch.device):
+        objective = Objective.student(config, sc, mode)
+        # the same seed for aux and none: the same initial shared layers
+        self.learner = Learner.build(config, sc.model, objective, device, config.features.subset(sc.features))
+        self.model = self.learner.model
+        self.distilled = objective.distilled
+        self.gate = TeacherGate(sc.gate, sc.soft_weight, objective.distilled, objective.kinds)
         self.scores = _Scores(config)
         self.nan_steps = 0
 
-    def step(self, b: _Tensors, teacher: torch.Tensor | None) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device):
-            main, aux = self.model(b.cat, b.dense)
-        self.scores.update(main.detach().float().cpu().numpy(), b.labels_np)
-        loss, _ = student_loss(
-            self.mode,
-            main,
-            aux,
-            b.labels,
-            teacher,
-            self.kinds,  # type: ignore[arg-type]
-            self.distilled,
-            self.sc.soft_weight,
-            self.sc.temperature,
-        )
-        if torch.isfinite(loss):
-            loss.backward()
-            self.optimizer.step()
-        else:
-            self.nan_steps += 1
+    def step(self, batch: ExampleBatch, teacher: np.ndarray | None) -> None:
+        scored = self.learner.step(self.learner.tensors(batch), teacher, self.gate.weights())
+        assert scored is not None
+        self.scores.update(scored.main, batch.labels)
+        if teacher is not None:
+            self.gate.update(scored.main, teacher, batch.labels)
+        self.nan_steps += 0 if scored.stepped else 1
 
 
 def proxy_student(config: Config) -> tuple[StudentConfig, str | None]:
@@ -334,7 +293,7 @@ class CandidateArm(_ProxyScores):
         self.teacher_s = 0.0
         self.student_s = 0.0
 
-    def step(self, b: _Tensors) -> None:
+    def step(self, b: ExampleBatch) -> None:
         started = time.perf_counter()
         logits = self.teacher.label_then_train(b)
         if self.device.type == "cuda":
@@ -361,7 +320,7 @@ class BaselineArm(_ProxyScores):
         self.task, self.metric = task, metric
         self.examples = 0
 
-    def step(self, b: _Tensors) -> None:
+    def step(self, b: ExampleBatch) -> None:
         self.student.step(b, None)
         self.examples += b.size
 
@@ -421,11 +380,7 @@ def sweep_batches(
     arms = [CandidateArm(config, c, proxy, dev, task, metric) for c in candidates]
     baseline = BaselineArm(config, proxy, dev, task, metric)
 
-    def prepare(i: int) -> _Tensors:
-        cat, dense, labels = batch_tensors([batches[i]], dev)
-        return _Tensors(cat, dense, labels, batches[i].labels, batches[i].size)
-
-    halving = successive_halving(arms, baseline, sizes, plan, budget, objective, prepare, on_step)
+    halving = successive_halving(arms, baseline, sizes, plan, budget, objective, lambda i: batches[i], on_step)
     by_name = {a.name: a for a in arms}
     ranked = [
         _candidate_report(by_name[n], halving, rank + 1, len(plan.rungs)) for rank, n in enumerate(halving.ranking)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from distill import metrics as m
 from distill.checkpoint import Checkpointer
@@ -26,6 +26,7 @@ from distill.dead_letters import DeadLetters
 from distill.evaluation import ProgressiveEvaluator
 from distill.exceptions import DecodeError
 from distill.export import export_serving_model
+from distill.gate import TeacherGate
 from distill.kafka import (
     BrokerProbe,
     Clients,
@@ -35,22 +36,24 @@ from distill.kafka import (
     partitions_at,
     without_errors,
 )
-from distill.losses import student_loss
-from distill.models import (
-    RankingModel,
-    autocast,
-    batch_tensors,
-    make_optimizer,
-    resolve_device,
-    weights_finite,
-)
+from distill.models import resolve_device, weights_finite
 from distill.progress import ProgressLog
 from distill.service import Service
+from distill.step import Learner, Objective, Scored
 from distill.wire import Codec, ids_checksum
 from student_worker.join import PartitionJoin, Ready
 from teacher_worker.worker import check_layout
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Trained:
+    """One trained batch: its hard labels, the teacher's labels if joined, the step's scores."""
+
+    labels: np.ndarray
+    teacher: np.ndarray | None
+    scored: Scored | None  # None for a null student
 
 
 class StudentWorker:
@@ -66,15 +69,12 @@ class StudentWorker:
         self.task_names = [t.name for t in config.tasks]
         # model.kind "null" (transport benchmark): join, count, checkpoint and commit only.
         self.null = sc.model.kind == "null"
-        distilled = sc.distill_tasks if sc.distill_tasks is not None else self.task_names
-        self.distilled = [self.task_names.index(t) for t in distilled]
-        torch.manual_seed(sc.model.seed)
-        aux = [self.task_names[i] for i in self.distilled] if sc.mode == "aux" else None
-        self.model = RankingModel(config.features, config.tasks, sc.model, aux_tasks=aux).to(self.device)
-        # Always in training mode: each batch is scored by the training forward pass itself,
-        # before the optimizer step (the model family has no dropout by default).
-        self.model.train()
-        self.optimizer = make_optimizer(self.model, sc.model)
+        objective = Objective.student(config, sc)
+        self.distilled = objective.distilled
+        self.features = config.features.subset(sc.features)
+        self.learner = Learner.build(config, sc.model, objective, self.device, self.features)
+        self.model, self.optimizer = self.learner.model, self.learner.optimizer
+        self.gate = TeacherGate(sc.gate, sc.soft_weight, self.distilled, self.kinds)
         self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
         self.clients = Clients(config.kafka, f"student.{name}")
         self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, name), sc.checkpoint.keep)
@@ -124,6 +124,7 @@ class StudentWorker:
         self.counts.update(state["counts"])
         self.trained_batch_ids.extend(state.get("trained_batch_ids", []))
         self.evaluator.load_state_dict(state.get("evaluator", {}))
+        self.gate.load_state_dict(state.get("gate", {}))
         log.info("restored checkpoint", extra={"version": version, "offsets": self.offsets})
 
     def _current_offsets(self) -> dict[int, dict[str, int]]:
@@ -159,11 +160,12 @@ class StudentWorker:
                     "counts": dict(self.counts),
                     "trained_batch_ids": list(self.trained_batch_ids),
                     "evaluator": self.evaluator.state_dict(),
+                    "gate": self.gate.state_dict(),
                 },
             )
             export_serving_model(
                 self.model,
-                self.config.features,
+                self.features,
                 self.config.tasks,
                 self.sc.model,
                 self.config.model_dir(self.name),
@@ -336,16 +338,16 @@ class StudentWorker:
         progressive metrics and counters are updated once for all of them."""
         if not ready:
             return 0
-        scored: list[tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]] = []
-        losses: dict[str, torch.Tensor] = {}
+        trained: list[Trained] = []
         for r in ready:
             if r.label is not None and not self._label_matches(r):
                 r.label = None
-            scored.append(self._train_one(r, losses))
-        self._account(ready, scored, losses)
+            trained.append(self._train_one(r))
+        self._account(ready, trained)
         return sum(r.examples.batch.size for r in ready)
 
     def _label_matches(self, r: Ready) -> bool:
+        assert r.label is not None
         label, batch = r.label.label, r.examples.batch
         if label.size == batch.size and label.example_ids_checksum == ids_checksum(batch.example_ids):
             return True
@@ -360,58 +362,40 @@ class StudentWorker:
             )
         return False
 
-    def _train_one(self, r: Ready, losses: dict[str, torch.Tensor]):
-        """One step on one batch; returns its pre-step outputs for progressive validation."""
+    def _train_one(self, r: Ready) -> Trained:
+        """One learning step on one batch, with the gate's soft weights of the moment."""
         batch = r.examples.batch
-        teacher_np = r.label.label.logits if r.label is not None else None
+        teacher = r.label.label.logits if r.label is not None else None
         if self.null:  # transport benchmark: no forward pass, no training
-            return None, None, batch.labels, teacher_np
-        cat, dense, labels = batch_tensors([batch], self.device)
-        teacher = torch.from_numpy(np.array(teacher_np)).to(self.device) if teacher_np is not None else None
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device):
-            main, aux = self.model(cat, dense)
-        # These outputs come from the weights before this step: predict-before-train.
-        out = (
-            main.detach().float().cpu().numpy(),
-            None if aux is None else aux.detach().float().cpu().numpy(),
-            batch.labels,
-            teacher_np,
-        )
-        loss, parts = student_loss(
-            self.sc.mode,
-            main,
-            aux,
-            labels,
-            teacher,
-            self.kinds,
-            self.distilled,
-            self.sc.soft_weight,
-            self.sc.temperature,
-        )
-        if torch.isfinite(loss):
-            loss.backward()
-            self.optimizer.step()
-            losses.update(parts)
-        else:
+            return Trained(batch.labels, teacher, None)
+        scored = self.learner.step(self.learner.tensors(batch), teacher, self.gate.weights())
+        assert scored is not None
+        if not scored.stepped:
             m.STUDENT_NAN.labels(self.name).inc()
             log.warning("non-finite loss: training step skipped", extra={"batch_id": batch.batch_id})
-        return out
+        if teacher is not None:
+            self.gate.update(scored.main, teacher, batch.labels)
+        return Trained(batch.labels, teacher, scored)
 
-    def _account(self, ready: list[Ready], scored: list, losses: dict[str, torch.Tensor]) -> None:
-        labels = np.concatenate([s[2] for s in scored])
-        joined = [s for s in scored if s[3] is not None]
-        if not self.null:  # a null student has no outputs to score
-            self.evaluator.update("main", np.concatenate([s[0] for s in scored]), labels)
-            if scored[0][1] is not None:
-                self.evaluator.update("aux", np.concatenate([s[1] for s in scored]), labels, self.distilled)
+    def _account(self, ready: list[Ready], trained: list[Trained]) -> None:
+        labels = np.concatenate([t.labels for t in trained])
+        joined = [t for t in trained if t.teacher is not None]
+        scored = [t.scored for t in trained if t.scored is not None]
+        if scored:  # a null student has no outputs to score
+            self.evaluator.update("main", np.concatenate([s.main for s in scored]), labels)
+            aux = [s.aux for s in scored if s.aux is not None]
+            if aux:
+                self.evaluator.update("aux", np.concatenate(aux), labels, self.distilled)
             if joined:
                 self.evaluator.update(
-                    "teacher", np.concatenate([s[3] for s in joined]), np.concatenate([s[2] for s in joined])
+                    "teacher", np.concatenate([t.teacher for t in joined]), np.concatenate([t.labels for t in joined])
                 )
-        for key, value in losses.items():
-            i, head = key.split(".")
-            m.STUDENT_LOSS.labels(self.name, self.task_names[int(i)], head).set(value.item())
+            for (i, head), value in scored[-1].losses.items():
+                m.STUDENT_LOSS.labels(self.name, self.task_names[i], head).set(value.item())
+        if self.sc.mode != "none":
+            for j, weight, lead in zip(self.distilled, self.gate.weights(), self.gate.leads(), strict=True):
+                m.STUDENT_SOFT_WEIGHT.labels(self.name, self.task_names[j]).set(weight)
+                m.STUDENT_TEACHER_LEAD.labels(self.name, self.task_names[j]).set(lead)
         for r in ready:
             has_label = r.label is not None
             self.trained_batch_ids.append(r.examples.batch.batch_id)
@@ -474,7 +458,19 @@ class StudentWorker:
             "examples_per_s": self.counts["examples_trained"] / self.busy_s if self.busy_s else 0.0,
             "coverage": (sum(self.recent_outcomes) / len(self.recent_outcomes)) if self.recent_outcomes else None,
             "pending": sum(len(j.examples) for j in self.joins.values()),
+            "features": self.features.categorical_names + list(self.features.dense),
+            "gate": self._gate_snapshot(),
             "metrics": snap,
+        }
+
+    def _gate_snapshot(self) -> dict:
+        """Per distilled task: the labels' smoothed lead over the serving head, and the soft
+        weight in effect (the configured one when the gate is off)."""
+        if self.sc.mode == "none":
+            return {}
+        return {
+            self.task_names[i]: {"lead": lead, "soft_weight": w, "enabled": self.sc.gate.enabled}
+            for i, lead, w in zip(self.distilled, self.gate.leads(), self.gate.weights(), strict=True)
         }
 
     def close(self) -> None:

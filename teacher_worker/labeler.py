@@ -20,7 +20,6 @@ import time
 from collections import OrderedDict, defaultdict
 
 import numpy as np
-import torch
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from distill import metrics as m
@@ -43,9 +42,10 @@ from distill.kafka import (
     without_errors,
 )
 from distill.model_store import ModelStore
-from distill.models import RankingModel, autocast, batch_tensors, resolve_device
+from distill.models import RankingModel, batch_tensors, resolve_device
 from distill.progress import ProgressLog
 from distill.service import Service
+from distill.step import predict
 from distill.wire import CheckpointAnnouncement, Codec, ExampleBatch, LabelBatch, ids_checksum
 from teacher_worker.out_of_sample import newest_eligible
 from teacher_worker.worker import check_layout
@@ -290,9 +290,7 @@ class Labeler:
     def _publish_labels(self, model: RankingModel, items: list) -> None:
         batches = [b for _, b, _ in items]
         cat, dense, _ = batch_tensors(batches, self.device)
-        with torch.no_grad(), autocast(self.device):
-            main, _ = model(cat, dense)
-        logits = main.float().cpu().numpy()
+        logits = predict(model, cat, dense)
         start = 0
         now_ms = int(time.time() * 1000)
         for msg, batch, a in items:

@@ -40,11 +40,11 @@ from distill.kafka import (
     partition_count,
     without_errors,
 )
-from distill.losses import hard_losses
 from distill.model_store import ModelStore
-from distill.models import RankingModel, autocast, batch_tensors, make_optimizer, weights_finite
+from distill.models import weights_finite
 from distill.progress import ProgressLog
 from distill.service import Service, configure_logging
+from distill.step import Learner, Objective
 from distill.wire import CheckpointAnnouncement, Codec, ExampleBatch
 from teacher_worker.out_of_sample import lead_batches, oldest_needed
 from teacher_worker.ranks import Ranks
@@ -77,9 +77,10 @@ class Trainer:
         self.name = tc.name if ranks.world == 1 else f"{tc.name}.rank{ranks.rank}"
         port = tc.metrics_port + ranks.rank if tc.metrics_port else 0
         self.service = service or Service(self.role, self.name, port=port)
-        torch.manual_seed(tc.model.seed)  # identical initial weights on every rank
-        self.model = RankingModel(config.features, config.tasks, tc.model).to(device)
-        self.optimizer = make_optimizer(self.model, tc.model)
+        # The same seed on every rank: identical initial weights. Collective steps with ranks.
+        reduce = ranks.all_reduce if ranks.world > 1 else None
+        self.learner = Learner.build(config, tc.model, Objective.teacher(config), device, all_reduce=reduce)
+        self.model, self.optimizer = self.learner.model, self.learner.optimizer
         self.kinds = [t.type for t in config.tasks]
         self.task_names = [t.name for t in config.tasks]
         self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
@@ -287,45 +288,20 @@ class Trainer:
         log.info("waiting for the labelers (lead bound)" if paused else "labelers caught up: training again")
 
     def _train_step(self, batch: ExampleBatch | None, total_examples: int) -> None:
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        finite = True
-        if batch is not None:
-            cat, dense, labels = batch_tensors([batch], self.device)
-            with autocast(self.device):
-                main, _ = self.model(cat, dense)
-            losses = hard_losses(main, labels, self.kinds)
-            loss = torch.stack(losses).sum()
-            finite = bool(torch.isfinite(loss).item())
-            # Weighted by batch size, so the summed gradient is the mean over every example.
-            (loss * (batch.size / total_examples)).backward()
-            self.evaluator.update("main", main.detach().float().cpu().numpy(), labels.cpu().numpy())
-            for name, value in zip(self.task_names, losses, strict=False):
-                m.TEACHER_LOSS.labels(self.name, name).set(value.item())
-        if not self._reduce_gradients(finite):
-            m.TEACHER_NAN.labels(self.name).inc()
-            log.warning("non-finite gradient: training step skipped on every rank")
-            return
-        self.optimizer.step()
-        if batch is not None:
+        # Weighted by batch size, so the summed gradient is the mean over every example.
+        tensors = self.learner.tensors(batch) if batch is not None else None
+        share = batch.size / total_examples if batch is not None else 0.0
+        scored = self.learner.step(tensors, share=share)
+        if scored is not None:
+            self.evaluator.update("main", scored.main, batch.labels)
+            for (i, _head), value in scored.losses.items():
+                m.TEACHER_LOSS.labels(self.name, self.task_names[i]).set(value.item())
+        if batch is not None and scored is not None and scored.stepped:
             self.examples_trained += batch.size
             m.TEACHER_TRAINED.labels(self.name).inc(batch.size)
-
-    def _reduce_gradients(self, local_loss_finite: bool) -> bool:
-        """Sum the ranks' gradients in one all-reduce; False (on every rank) if not finite."""
-        if self.ranks.world == 1:
-            return local_loss_finite
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.ranks.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
-        if not torch.isfinite(flat).all().item():
-            return False
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p)
-            offset += n
-        return True
+        elif batch is not None:
+            m.TEACHER_NAN.labels(self.name).inc()
+            log.warning("non-finite gradient: training step skipped on every rank")
 
     # -- checkpoints and the lead bound ------------------------------------------------------------
     def _publish_due(self) -> bool:

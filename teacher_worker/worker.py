@@ -1,16 +1,20 @@
-"""The teacher's hot path: predict -> publish labels -> commit (one transaction) -> train.
+"""The teacher's hot path: per batch score -> train, then publish labels + commit (one transaction).
 
-Every label is out-of-sample: the logits are computed before the teacher trains on the batch,
-and each LabelBatch carries the watermark (per partition, the example offsets the teacher had
-trained through) and the teacher's version.
+Every label is out-of-sample: a batch's logits are the scores of the learning step's forward
+pass, from the weights before the step that trains on it (``distill.step``). Each batch is
+labelled by a teacher that has trained on every batch before it, so grouping batches into one
+transaction costs the labels nothing. Each LabelBatch carries the watermark (per partition, the
+example offsets the teacher had trained through) and the teacher's version.
 
 Order of one step:
   1. consume up to ``max_batches_per_step`` example batches; undecodable ones go to the DLQ;
-  2. forward pass without gradients -> one LabelBatch per example batch, to the same partition
+  2. per batch, in offset order: one learning step (score, then train on the hard labels; a
+     NaN loss skips the optimizer step and is counted) -> one LabelBatch to the same partition
      number of the labels topic (batch id, checksum, version, watermark);
-  3. the examples offsets go into the same transaction; commit (exactly-once labels on Kafka);
-  4. train on the hard labels (a NaN loss skips the step and is counted);
-  5. every N batches or T seconds: checkpoint model + optimizer + trained-through offsets.
+  3. dead letters, labels and the examples offsets in one transaction; commit (exactly-once
+     labels on Kafka). A failed commit is aborted and the *same* labels are sent again in a new
+     transaction (never relabelled: the weights have trained on those batches since);
+  4. every N batches or T seconds: checkpoint model + optimizer + trained-through offsets.
 On restart the checkpoint's offsets win over the group's: batches labelled after the last
 checkpoint are labelled again (same batch id, de-duplicated by readers) and trained once.
 """
@@ -19,10 +23,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, Message
 
 from distill import metrics as m
 from distill.checkpoint import Checkpointer
@@ -33,7 +37,6 @@ from distill.exceptions import DecodeError
 from distill.kafka import (
     BrokerProbe,
     Clients,
-    abort_and_rewind,
     consume_available,
     ensure_topics,
     export_lag,
@@ -42,12 +45,13 @@ from distill.kafka import (
     is_retriable,
     needs_abort,
     partitions_at,
+    seek_to,
     without_errors,
 )
-from distill.losses import hard_losses
-from distill.models import RankingModel, autocast, batch_tensors, make_optimizer, resolve_device, weights_finite
+from distill.models import resolve_device, weights_finite
 from distill.progress import ProgressLog
 from distill.service import Service
+from distill.step import Learner, Objective
 from distill.wire import Codec, ExampleBatch, LabelBatch, ids_checksum
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,25 @@ def check_layout(batch: ExampleBatch, config: Config) -> None:
             raise DecodeError("layout_mismatch", f"{what} columns {list(g)} differ from the configured {list(w)}")
 
 
+@dataclass
+class Outbox:
+    """One step's output, kept until its transaction commits (and sent again if it aborts)."""
+
+    records: list[Message]
+    labels: list[tuple[Message, LabelBatch]] = field(default_factory=list)
+    dead: list[tuple[Message, DecodeError]] = field(default_factory=list)
+    scores: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (logits, labels)
+
+    @property
+    def examples(self) -> int:
+        return sum(lb.size for _, lb in self.labels)
+
+    def keep_only(self, partitions: set[int]) -> None:
+        self.records = [r for r in self.records if r.partition() in partitions]
+        self.labels = [(r, lb) for r, lb in self.labels if r.partition() in partitions]
+        self.dead = [(r, e) for r, e in self.dead if r.partition() in partitions]
+
+
 class TeacherWorker:
     role = "teacher"
 
@@ -71,9 +94,8 @@ class TeacherWorker:
         self.name = tc.name
         self.service = service or Service(self.role, self.name, port=tc.metrics_port)
         self.device = resolve_device(tc.device)
-        torch.manual_seed(tc.model.seed)
-        self.model = RankingModel(config.features, config.tasks, tc.model).to(self.device)
-        self.optimizer = make_optimizer(self.model, tc.model)
+        self.learner = Learner.build(config, tc.model, Objective.teacher(config), self.device)
+        self.model, self.optimizer = self.learner.model, self.learner.optimizer
         self.kinds = [t.type for t in config.tasks]
         self.task_names = [t.name for t in config.tasks]
         # model.kind "null" (transport benchmark): zero logits, no forward pass, no training.
@@ -90,6 +112,7 @@ class TeacherWorker:
         self.batches_since_ckpt = 0
         self.last_ckpt = time.monotonic()
         self.assigned: set[int] = set()
+        self.outbox: Outbox | None = None  # labels whose transaction has not committed yet
         self.busy_s = 0.0
         self._throughput = m.Throughput()
         self.probe = BrokerProbe()
@@ -181,60 +204,125 @@ class TeacherWorker:
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
+        if self.outbox is not None:  # an aborted transaction: send the same labels again
+            return self._retry(self.outbox)
         msgs = consume_available(
             self.consumer, self.config.teacher.max_batches_per_step, self.config.teacher.poll_timeout_s
         )
-        good: list[tuple[object, ExampleBatch]] = []
         records = without_errors(msgs, lambda reason: self.service.set_ready(False, reason))
         if not records:
             self._idle()
             return True
         started = time.perf_counter()
         self.service.set_ready(bool(self.assigned), "assigned")
+        outbox = self._label_and_train(records)
+        self.busy_s += time.perf_counter() - started
+        return self._publish(outbox, started)
+
+    def _label_and_train(self, records: list[Message]) -> Outbox:
+        outbox = Outbox(records)
+        now_ms = int(time.time() * 1000)
+        for msg in records:
+            p = msg.partition()
+            try:
+                batch = self.codec.decode_examples(msg.value(), msg.headers())
+                check_layout(batch, self.config)
+            except DecodeError as exc:
+                outbox.dead.append((msg, exc))
+                self.trained_through[p] = msg.offset() + 1
+                continue
+            watermark = self.trained_through.get(p, 0)  # before this batch: it is out-of-sample
+            logits = self._score_and_train(batch)
+            self.trained_through[p] = msg.offset() + 1
+            label = LabelBatch(
+                batch_id=batch.batch_id,
+                example_ids_checksum=ids_checksum(batch.example_ids),
+                source_partition=p,
+                source_offset=msg.offset(),
+                teacher_version=self.version,
+                watermark=watermark,
+                task_names=self.task_names,
+                logits=logits,
+                produced_at_ms=now_ms,
+            )
+            outbox.labels.append((msg, label))
+            if not self.null:
+                outbox.scores.append((logits, batch.labels))
+        return outbox
+
+    def _score_and_train(self, batch: ExampleBatch) -> np.ndarray:
+        if self.null:  # transport benchmark: zero logits, no forward pass, no training
+            return np.zeros((batch.size, len(self.task_names)), dtype=np.float32)
+        scored = self.learner.step(self.learner.tensors(batch))
+        assert scored is not None
+        if scored.stepped:
+            self.examples_trained += batch.size
+            m.TEACHER_TRAINED.labels(self.name).inc(batch.size)
+            for (i, _head), value in scored.losses.items():
+                m.TEACHER_LOSS.labels(self.name, self.task_names[i]).set(value.item())
+        else:
+            m.TEACHER_NAN.labels(self.name).inc()
+            log.warning("non-finite loss: training step skipped", extra={"batch_id": batch.batch_id})
+        return np.ascontiguousarray(scored.main, dtype=np.float32)
+
+    def _publish(self, outbox: Outbox, started: float | None = None) -> bool:
         try:
-            self._transaction(records, good)
+            self._transaction(outbox)
         except Exception as exc:
             if fenced(exc):
                 raise fenced_error(f"{self.config.teacher.group_id}.{self.name}", "teacher.name") from None
             if not needs_abort(exc) and not is_retriable(exc):
                 raise
-            log.warning("transaction failed, aborting and rewinding", extra={"error": str(exc)})
-            self._abort_and_rewind(records)
+            log.warning("transaction failed: aborting, then sending the same labels again", extra={"error": str(exc)})
+            self._abort(outbox)
             return True
-        if good:  # counted once the transaction has committed (an aborted one is relabelled)
-            n = sum(b.size for _, b in good)
-            self.examples_labeled += n
-            m.TEACHER_EXAMPLES.labels(self.name).inc(n)
-            m.TEACHER_LABEL_BATCHES.labels(self.name).inc(len(good))
-        if good and not self.null:
-            self.evaluator.update("main", *self._scored)
-            self._train([b for _, b in good])
-        for msg in records:
-            self.trained_through[msg.partition()] = msg.offset() + 1
-        self.batches_since_ckpt += len(records)
-        elapsed = time.perf_counter() - started
-        self.busy_s += elapsed
-        m.TEACHER_STEP_SECONDS.labels(self.name).observe(elapsed)
-        m.TEACHER_THROUGHPUT.labels(self.name).set(self._throughput.update(sum(b.size for _, b in good), elapsed))
+        self.outbox = None
+        # counted once the transaction has committed
+        self.examples_labeled += outbox.examples
+        m.TEACHER_EXAMPLES.labels(self.name).inc(outbox.examples)
+        m.TEACHER_LABEL_BATCHES.labels(self.name).inc(len(outbox.labels))
+        if outbox.scores:
+            self.evaluator.update(
+                "main", np.concatenate([s for s, _ in outbox.scores]), np.concatenate([y for _, y in outbox.scores])
+            )
+        self.batches_since_ckpt += len(outbox.records)
+        if started is not None:
+            elapsed = time.perf_counter() - started
+            m.TEACHER_STEP_SECONDS.labels(self.name).observe(elapsed)
+            m.TEACHER_THROUGHPUT.labels(self.name).set(self._throughput.update(outbox.examples, elapsed))
         if self._checkpoint_due():
             self.checkpoint()
         if self.progress.due(self.examples_labeled):
             self._write_progress()
         return True
 
-    def _transaction(self, records: list, good: list) -> None:
+    def _retry(self, outbox: Outbox) -> bool:
+        # Serve rebalance callbacks first, so the labels of a revoked partition are dropped;
+        # a record the poll returns is read again later (seek back to it).
+        time.sleep(self.config.teacher.poll_timeout_s)
+        msgs = [msg for msg in self.consumer.consume(1, 0) if msg.error() is None]
+        seek_to(self.consumer, self.config.topics.examples, {msg.partition(): msg.offset() for msg in msgs})
+        outbox.keep_only(self.assigned)
+        if not outbox.records:
+            self.outbox = None
+            return True
+        return self._publish(outbox)
+
+    def _transaction(self, outbox: Outbox) -> None:
         self.producer.begin_transaction()
-        for msg in records:
-            try:
-                batch = self.codec.decode_examples(msg.value(), msg.headers())
-                check_layout(batch, self.config)
-                good.append((msg, batch))
-            except DecodeError as exc:
-                self.dead_letters.send(msg, exc)
-        if good:
-            self._publish_labels(good)
+        for msg, exc in outbox.dead:
+            self.dead_letters.send(msg, exc)
+        for msg, label in outbox.labels:
+            value, headers = self.codec.encode_labels(label)
+            self.producer.produce(
+                self.config.topics.labels,
+                value=value,
+                key=label.batch_id.encode(),
+                partition=msg.partition(),
+                headers=headers,
+            )
         offsets: dict[int, int] = {}
-        for msg in records:
+        for msg in outbox.records:
             offsets[msg.partition()] = msg.offset() + 1
         self.producer.send_offsets_to_transaction(
             partitions_at(self.config.topics.examples, offsets), self.consumer.consumer_group_metadata(), 30
@@ -242,68 +330,19 @@ class TeacherWorker:
         self.producer.commit_transaction(60)
         m.TEACHER_TRANSACTIONS.labels(self.name, "commit").inc()
 
-    def _publish_labels(self, good: list[tuple[object, ExampleBatch]]) -> None:
-        batches = [b for _, b in good]
-        if self.null:  # transport benchmark: no forward pass
-            logits = np.zeros((sum(b.size for b in batches), len(self.task_names)), dtype=np.float32)
-        else:
-            cat, dense, _ = batch_tensors(batches, self.device)
-            self.model.eval()
-            with torch.no_grad(), autocast(self.device):
-                main, _ = self.model(cat, dense)
-            logits = main.float().cpu().numpy()
-        labels = np.concatenate([b.labels for b in batches])
-        self._scored = (logits, labels)  # added to the metrics once the transaction commits
-        start = 0
-        now_ms = int(time.time() * 1000)
-        for msg, batch in good:
-            chunk = logits[start : start + batch.size]
-            start += batch.size
-            p = msg.partition()
-            label = LabelBatch(
-                batch_id=batch.batch_id,
-                example_ids_checksum=ids_checksum(batch.example_ids),
-                source_partition=p,
-                source_offset=msg.offset(),
-                teacher_version=self.version,
-                watermark=self.trained_through.get(p, 0),
-                task_names=self.task_names,
-                logits=chunk,
-                produced_at_ms=now_ms,
-            )
-            value, headers = self.codec.encode_labels(label)
-            self.producer.produce(
-                self.config.topics.labels, value=value, key=batch.batch_id.encode(), partition=p, headers=headers
-            )
+    def _abort(self, outbox: Outbox) -> None:
+        """Abort; keep the labels to send again, for the partitions this teacher still owns.
 
-    def _train(self, batches: list[ExampleBatch]) -> None:
-        # One optimizer step per example batch: grouping speeds up labelling, not learning, so
-        # the learning dynamics do not depend on how many batches a step consumed.
-        for batch in batches:
-            self._train_step(batch)
-
-    def _train_step(self, batch: ExampleBatch) -> None:
-        cat, dense, labels = batch_tensors([batch], self.device)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device):
-            main, _ = self.model(cat, dense)
-        losses = hard_losses(main, labels, self.kinds)
-        loss = torch.stack(losses).sum()
-        if not torch.isfinite(loss):
-            m.TEACHER_NAN.labels(self.name).inc()
-            log.warning("non-finite loss: training step skipped", extra={"batch_id": batch.batch_id})
-            return
-        loss.backward()
-        self.optimizer.step()
-        self.examples_trained += batch.size
-        m.TEACHER_TRAINED.labels(self.name).inc(batch.size)
-        for name, value in zip(self.task_names, losses, strict=False):
-            m.TEACHER_LOSS.labels(self.name, name).set(value.item())
-
-    def _abort_and_rewind(self, records: list) -> None:
+        Labels of a partition handed to another teacher are dropped: that one labels them with
+        its own weights (which have not trained on them). The consumer does not seek back."""
         m.TEACHER_TRANSACTIONS.labels(self.name, "abort").inc()
-        abort_and_rewind(self.producer, self.consumer, self.config.topics.examples, records)
+        try:
+            self.producer.flush(10)  # abort purges unsent messages (see BROKER.md)
+            self.producer.abort_transaction(30)
+        except Exception as exc:
+            log.warning("abort failed", extra={"error": str(exc)})
+        outbox.keep_only(self.assigned)
+        self.outbox = outbox if outbox.records else None
 
     def _idle(self) -> None:
         if not self.probe.check(self.consumer):
@@ -340,7 +379,10 @@ class TeacherWorker:
 
     def close(self) -> None:
         try:
-            if self.batches_since_ckpt:
+            if self.outbox is not None:
+                # Trained on batches whose labels are not out: a checkpoint would skip them.
+                log.warning("stopping with labels unpublished: they are labelled again after the restart")
+            elif self.batches_since_ckpt:
                 self.checkpoint()
             self.progress.write_summary(self.snapshot())
         finally:

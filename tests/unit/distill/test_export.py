@@ -7,7 +7,7 @@ import torch
 
 from distill.config import CategoricalFeature, FeaturesConfig, ModelConfig, TaskConfig
 from distill.export import export_serving_model, load_serving_model
-from distill.models import RankingModel, ServingModel
+from distill.models import RankingModel, ServingModel, make_optimizer, target_moments
 
 FEATURES = FeaturesConfig(
     categorical=[
@@ -23,9 +23,12 @@ MODEL = ModelConfig(embedding_dim=4, hidden=[16, 8], cross_layers=1, dropout=0.2
 def trained_model(seed: int = 0, steps: int = 20) -> RankingModel:
     torch.manual_seed(seed)
     model = RankingModel(FEATURES, TASKS, MODEL, aux_tasks=["click", "watch"])
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    opt = make_optimizer(model, MODEL)
     for _ in range(steps):
         cat, dense = inputs(64)
+        # watch targets around 40 with spread 5: the regression head learns them standardised
+        targets = torch.stack([torch.randint(0, 2, (64,)).float(), 40 + 5 * torch.randn(64)], 1)
+        model.observe_targets(target_moments(targets))
         main, aux = model(cat, dense)
         loss = (main - 1.0).pow(2).mean() + (aux + 1.0).pow(2).mean()
         opt.zero_grad()
@@ -54,8 +57,27 @@ def test_exported_model_reproduces_the_main_head(tmp_path):
         expected, aux = model(cat, dense)
         got = serving(cat, dense)
     assert got.shape == (50, 2)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert not torch.allclose(got, aux)  # it is the main head, not the aux head
+    torch.testing.assert_close(got, model.to_raw(expected), rtol=0, atol=0)
+    assert not torch.allclose(got, model.to_raw(aux, aux=True))  # it is the main head, not the aux head
+
+
+def test_standardised_targets_round_trip_through_the_export(tmp_path):
+    """The head learns (y - mean) / std; the served value is in the target's own units."""
+    model = trained_model(steps=50)
+    mean, var, count = model.target_mean, model.target_var, model.target_count
+    assert count.item() == 50 * 64
+    assert mean[0].item() == 0 and var[0].item() == 1  # binary columns are left alone
+    assert 38 < mean[1].item() < 42 and 20 < var[1].item() < 30  # the watch targets' moments
+    export_serving_model(model, FEATURES, TASKS, MODEL, tmp_path, version=1)
+    serving = load_serving_model(tmp_path)
+    torch.testing.assert_close(serving.model.target_mean, mean)
+    cat, dense = inputs(200, seed=2)
+    with torch.no_grad():
+        head = model(cat, dense)[0]
+        served = serving(cat, dense)
+    torch.testing.assert_close(served[:, 1], head[:, 1] * var[1].sqrt() + mean[1])
+    torch.testing.assert_close(served[:, 0], head[:, 0])  # logits unchanged
+    assert 25 < served[:, 1].mean().item() < 55  # values in the targets' units, not around 0
 
 
 def test_aux_head_is_not_exported(tmp_path):
@@ -66,7 +88,9 @@ def test_aux_head_is_not_exported(tmp_path):
     assert not any(k.startswith("aux_head") for k in keys)
     assert {"head.weight", "head.bias", "buckets"} <= keys
     assert keys == {k for k in model.state_dict() if not k.startswith("aux_head")}
-    exported = sum(v.numel() for k, v in payload["state_dict"].items() if k != "buckets")
+    exported = sum(
+        v.numel() for k, v in payload["state_dict"].items() if k != "buckets" and not k.startswith("target_")
+    )
     assert exported == model.param_count(serving_only=True)
 
     serving = load_serving_model(tmp_path)
@@ -88,10 +112,10 @@ def test_latest_points_at_the_newest_and_versions_load_explicitly(tmp_path):
         for v, m in models.items():
             serving = load_serving_model(tmp_path, version=v)
             assert serving.version == v
-            torch.testing.assert_close(serving(cat, dense), m(cat, dense)[0], rtol=0, atol=0)
+            torch.testing.assert_close(serving(cat, dense), m.to_raw(m(cat, dense)[0]), rtol=0, atol=0)
         newest = load_serving_model(tmp_path)(cat, dense)
         oldest = load_serving_model(tmp_path, version=1)(cat, dense)
-    torch.testing.assert_close(newest, models[3](cat, dense)[0], rtol=0, atol=0)
+    torch.testing.assert_close(newest, models[3].to_raw(models[3](cat, dense)[0]), rtol=0, atol=0)
     assert not torch.allclose(newest, oldest)
 
 
@@ -101,7 +125,7 @@ def test_re_export_of_a_version_replaces_it(tmp_path):
     export_serving_model(second, FEATURES, TASKS, MODEL, tmp_path, version=7)
     cat, dense = inputs(10, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(load_serving_model(tmp_path, 7)(cat, dense), second(cat, dense)[0])
+        torch.testing.assert_close(load_serving_model(tmp_path, 7)(cat, dense), second.to_raw(second(cat, dense)[0]))
 
 
 def test_missing_version_is_an_error(tmp_path):

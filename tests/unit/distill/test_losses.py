@@ -105,7 +105,7 @@ def test_none_mode_ignores_the_teacher():
     total_c, _ = student_loss("none", main, aux, labels, None, KINDS, [0, 1, 2], 0.7, 2.0)
     assert float(total_a) == pytest.approx(hard_sum(main, labels), rel=1e-6)
     assert float(total_a) == float(total_b) == float(total_c)
-    assert set(parts_a) == set(parts_b) == {"0.main", "1.main", "2.main"}
+    assert set(parts_a) == set(parts_b) == {(0, "main"), (1, "main"), (2, "main")}
 
 
 @pytest.mark.parametrize("mode", ["none", "direct", "aux"])
@@ -113,9 +113,9 @@ def test_no_teacher_falls_back_to_hard_loss_in_every_mode(mode):
     main, aux, labels, _ = data()
     total, parts = student_loss(mode, main, aux, labels, None, KINDS, [0, 2], 0.5, 1.0)
     assert float(total) == pytest.approx(hard_sum(main, labels), rel=1e-6)
-    assert set(parts) == {"0.main", "1.main", "2.main"}
+    assert set(parts) == {(0, "main"), (1, "main"), (2, "main")}
     for i, k in enumerate(KINDS):
-        assert float(parts[f"{i}.main"]) == pytest.approx(float(task_loss(main[:, i], labels[:, i], k)))
+        assert float(parts[(i, "main")]) == pytest.approx(float(task_loss(main[:, i], labels[:, i], k)))
 
 
 def test_aux_mode_without_teacher_does_not_need_aux_heads():
@@ -128,7 +128,7 @@ def test_direct_with_weight_zero_equals_hard():
     main, aux, labels, teacher = data()
     total, parts = student_loss("direct", main, aux, labels, teacher, KINDS, [0, 1, 2], 0.0, 2.0)
     assert float(total) == pytest.approx(hard_sum(main, labels), rel=1e-6)
-    assert {"0.soft", "1.soft", "2.soft"} <= set(parts)  # soft parts still reported
+    assert {(0, "soft"), (1, "soft"), (2, "soft")} <= set(parts)  # soft parts still reported
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -142,8 +142,10 @@ def test_direct_with_weight_one_equals_soft_for_distilled_tasks(temperature):
         + float(task_loss(main[:, 2], labels[:, 2], "binary"))
     )
     assert float(total) == pytest.approx(expected, rel=1e-6)
-    assert "2.soft" not in parts
-    assert float(parts["0.soft"]) == pytest.approx(float(soft_loss(main[:, 0], teacher[:, 0], "binary", temperature)))
+    assert (2, "soft") not in parts
+    assert float(parts[(0, "soft")]) == pytest.approx(
+        float(soft_loss(main[:, 0], teacher[:, 0], "binary", temperature))
+    )
 
 
 def test_direct_mixes_hard_and_soft_linearly():
@@ -151,7 +153,10 @@ def test_direct_mixes_hard_and_soft_linearly():
     w = 0.3
     total, parts = student_loss("direct", main, aux, labels, teacher, KINDS, [2], w, 1.0)
     expected = (
-        float(parts["0.main"]) + float(parts["1.main"]) + (1 - w) * float(parts["2.main"]) + w * float(parts["2.soft"])
+        float(parts[(0, "main")])
+        + float(parts[(1, "main")])
+        + (1 - w) * float(parts[(2, "main")])
+        + w * float(parts[(2, "soft")])
     )
     assert float(total) == pytest.approx(expected, rel=1e-6)
 
@@ -166,13 +171,13 @@ def test_aux_mode_adds_weighted_soft_loss_of_the_aux_head_only(w):
         soft_loss(aux[:, 1], teacher[:, 1], "regression", t)
     )
     assert float(total) == pytest.approx(hard_sum(main, labels) + w * soft, rel=1e-6)
-    assert float(parts["2.aux"]) == pytest.approx(float(soft_loss(aux[:, 0], teacher[:, 2], "binary", t)))
-    assert float(parts["1.aux"]) == pytest.approx(float(soft_loss(aux[:, 1], teacher[:, 1], "regression", t)))
-    assert "0.aux" not in parts and not any(k.endswith(".soft") for k in parts)
+    assert float(parts[(2, "aux")]) == pytest.approx(float(soft_loss(aux[:, 0], teacher[:, 2], "binary", t)))
+    assert float(parts[(1, "aux")]) == pytest.approx(float(soft_loss(aux[:, 1], teacher[:, 1], "regression", t)))
+    assert (0, "aux") not in parts and not any(k[1] == "soft" for k in parts)
     # the teacher never reaches the main outputs' loss terms
     _, other = student_loss("aux", main, aux, labels, teacher + 5.0, KINDS, distilled, w, t)
     for i in range(3):
-        assert float(other[f"{i}.main"]) == float(parts[f"{i}.main"])
+        assert float(other[(i, "main")]) == float(parts[(i, "main")])
 
 
 def test_aux_mode_gives_the_main_head_no_gradient_from_the_aux_loss():
@@ -192,7 +197,7 @@ def test_aux_mode_gives_the_main_head_no_gradient_from_the_aux_loss():
     main, aux = model(cat, dense)
     kinds = ["binary", "regression"]
     total, parts = student_loss("aux", main, aux, labels, teacher, kinds, [0, 1], 0.8, 2.0)
-    aux_part = 0.8 * (parts["0.aux"] + parts["1.aux"])
+    aux_part = 0.8 * (parts[(0, "aux")] + parts[(1, "aux")])
 
     main_head = [model.head.weight, model.head.bias]
     grads = torch.autograd.grad(
@@ -220,5 +225,5 @@ def test_direct_mode_does_send_teacher_gradient_to_the_main_head():
     main = torch.zeros(4, 3, requires_grad=True)
     _, _, labels, teacher = data(4)
     total, parts = student_loss("direct", main, None, labels, teacher, KINDS, [0], 1.0, 1.0)
-    (g,) = torch.autograd.grad(parts["0.soft"], main)
+    (g,) = torch.autograd.grad(parts[(0, "soft")], main)
     assert torch.count_nonzero(g[:, 0]) > 0

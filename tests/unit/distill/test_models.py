@@ -8,7 +8,7 @@ import torch
 
 from distill.config import CategoricalFeature, Config, FeaturesConfig, ModelConfig, TaskConfig
 from distill.losses import hard_losses
-from distill.models import RankingModel, batch_tensors, resolve_device, weights_finite
+from distill.models import RankingModel, batch_tensors, make_optimizer, resolve_device, weights_finite
 from distill.wire import ExampleBatch
 
 TASKS = [TaskConfig(name="click"), TaskConfig(name="watch", type="regression")]
@@ -244,10 +244,10 @@ def test_training_on_a_learnable_signal_lowers_the_loss(one_thread):
     model = RankingModel(
         small_features((53, 11), 3),
         TASKS,
-        ModelConfig(embedding_dim=8, hidden=[16], cross_layers=1),
+        ModelConfig(embedding_dim=8, hidden=[16], cross_layers=1, learning_rate=0.02),
         aux_tasks=["click"],
     )
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    opt = make_optimizer(model, ModelConfig(learning_rate=0.02))
     kinds = [t.type for t in TASKS]
     eval_cat, eval_dense, eval_labels = sample(2000, seed=10_000)
 

@@ -35,7 +35,7 @@ def test_preset_file_matches_the_source():
     preset = preset_overrides("movielens")
     sections = movielens.config_sections()
     assert {k: preset[k] for k in sections} == sections
-    assert set(preset) - set(sections) == {"teacher", "students"}  # and what suits this data
+    assert set(preset) - set(sections) == {"students"}  # and what suits this data
     dense = movielens.config_sections()["features"]["dense"]
     assert len(dense) == 19 and dense[4] == "genre_childrens" and "genre_sci_fi" in dense
 
