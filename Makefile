@@ -3,13 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Apache Kafka's jars for the tests: resolved by Maven into a cache outside the repository.
+KAFKA_POM := tests/kafka/pom.xml
+KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' $(KAFKA_POM))
+KAFKA_JARS ?= $(HOME)/.cache/online-distill/kafka-$(KAFKA_VERSION)
+export KAFKA_JARS
 
-.PHONY: install demo test bench lint soak clean
+.PHONY: install demo test bench lint soak clean kafka-jars
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first: a range would let pip pull a multi-GB CUDA build.
+	# torch pinned first: a range would let pip pick another build. PyPI's 2.13.0 wheel for
+	# Linux is the CUDA build; it runs on the CPU when no GPU is there.
 	$(BIN)/pip install -q torch==2.13.0
 	# MovieLens-100k ships inside recbole; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps recbole==1.2.1
@@ -21,7 +27,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/distill up --source movielens --report report
 
+$(KAFKA_JARS)/kafka_2.13-$(KAFKA_VERSION).jar: $(KAFKA_POM)
+	mvn -B -q -f $(KAFKA_POM) dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(KAFKA_JARS)
+	touch $@
+
+kafka-jars: $(KAFKA_JARS)/kafka_2.13-$(KAFKA_VERSION).jar
+
+# Without Java or Maven the Apache Kafka tests skip (and fail when CI=true).
 test: $(STAMP)
+	@$(MAKE) --no-print-directory kafka-jars || echo "warning: no Apache Kafka jars; its tests will be skipped"
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
