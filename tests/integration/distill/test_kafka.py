@@ -1,11 +1,12 @@
-"""Kafka plumbing against the embedded broker: topics, partition check, round trips, lag."""
+"""Kafka plumbing against the embedded broker and Apache Kafka: topics, partition check, round
+trips, transactions, lag."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from confluent_kafka import TopicPartition
-from confluent_kafka.admin import NewTopic
+from confluent_kafka.admin import NewTopic, OffsetSpec
 
 from distill import metrics as m
 from distill.broker import free_port
@@ -22,6 +23,8 @@ from distill.kafka import (
     redacted,
 )
 from distill.wire import Codec, LabelBatch, ids_checksum
+
+pytestmark = pytest.mark.both_brokers  # the tests that use a broker run on both flavours
 
 
 def create(admin, name: str, partitions: int) -> None:
@@ -66,6 +69,25 @@ def test_ensure_topics_creates_equal_partitions_and_dlqs(make_config):
     assert partition_count(admin, t.dlq(t.labels)) == 1
     assert check_partitions(config, admin) == 3
     ensure_topics(config, admin, seconds=20)  # idempotent: existing topics are fine
+
+
+@pytest.mark.apache
+@pytest.mark.xfail(
+    reason="product race: ensure_topics checks partitions before Apache Kafka's metadata lists the topics it "
+    "has just created (fix: wait for them in distill/kafka.py), then drop the stopgap in tests/conftest.py",
+    strict=False,
+)
+def test_ensure_topics_sees_the_topics_it_created(apache_broker, tmp_path):
+    for i in range(20):  # about 1 creation in 13 lost the race when measured
+        name = f"fresh-{i}-{tmp_path.name}"
+        config = load_config(
+            None,
+            environ={},
+            state_dir=str(tmp_path),
+            kafka={"bootstrap_servers": apache_broker.bootstrap},
+            topics={"examples": f"examples.{name}", "labels": f"labels.{name}", "checkpoints": f"checkpoints.{name}"},
+        )
+        ensure_topics(config, Clients(config.kafka, "admin").admin(), seconds=20)
 
 
 def test_partition_mismatch_is_a_clear_error(make_config):
@@ -125,11 +147,17 @@ def test_example_batches_round_trip_through_the_broker(config_with_topics, make_
         assert (got[batch_id].truth is None) == (batch.truth is None)
 
 
-def test_label_batch_round_trip_in_a_transaction(config_with_topics, make_consumer, consume, unique_name):
+def test_label_batch_round_trip_in_a_transaction(
+    config_with_topics, make_consumer, consume, unique_name, kafka_flavour
+):
     config = config_with_topics
     codec = Codec()
     producer = Clients(config.kafka, "test").producer(transactional_id=unique_name("txn"))
     producer.init_transactions(10)
+    producer.begin_transaction()
+    producer.produce(config.topics.labels, value=b"aborted", partition=1)
+    producer.flush(10)  # abort purges unsent messages
+    producer.abort_transaction(10)
     ids = np.arange(32, dtype=np.int64)
     labels = LabelBatch(
         batch_id="p-0",
@@ -145,7 +173,17 @@ def test_label_batch_round_trip_in_a_transaction(config_with_topics, make_consum
     value, headers = codec.encode_labels(labels)
     producer.produce(config.topics.labels, value=value, headers=headers, partition=1)
     producer.commit_transaction(10)
-    (msg,) = consume(make_consumer(config, [config.topics.labels]), 1)
+    consumer = make_consumer(config, [config.topics.labels])
+    if kafka_flavour == "apache":
+        (msg,) = consume(consumer, 1)  # read_committed: the aborted message is never seen
+        assert consumer.poll(1.0) is None
+        # Each transaction ends with a control record: offsets 0 and 2 hold data, 3 is the end.
+        assert msg.offset() == 2
+        assert consumer.get_watermark_offsets(TopicPartition(config.topics.labels, 1), cached=False) == (0, 4)
+        assert lag(consumer, [TopicPartition(config.topics.labels, 1)]) == {(config.topics.labels, 1): 0}
+    else:
+        aborted, msg = consume(consumer, 2)  # the embedded broker shows aborted messages (BROKER.md)
+        assert aborted.value() == b"aborted"
     assert msg.partition() == 1
     decoded = codec.decode_labels(msg.value(), msg.headers())
     assert decoded.example_ids_checksum == labels.example_ids_checksum
@@ -199,7 +237,7 @@ def test_delivery_tracker_surfaces_failures(config):
 
 
 # -- lag ---------------------------------------------------------------------------------------
-def test_lag_from_cached_watermarks(make_config, make_consumer, consume):
+def test_lag_from_cached_watermarks(make_config, make_consumer, consume, kafka_flavour):
     config = make_config(topics={"partitions": 1})
     ensure_topics(config, Clients(config.kafka, "admin").admin(), seconds=20)
     topic = config.topics.examples
@@ -217,6 +255,11 @@ def test_lag_from_cached_watermarks(make_config, make_consumer, consume):
     assert lag(consumer, partition) == {(topic, 0): 6}
     consume(consumer, 6)
     assert lag(consumer, partition) == {(topic, 0): 0}
+    if kafka_flavour == "apache":  # the embedded broker answers these wrong (BROKER.md)
+        assert consumer.get_watermark_offsets(partition[0], cached=False) == (0, 10)
+        admin = Clients(config.kafka, "admin").admin()
+        latest = admin.list_offsets({partition[0]: OffsetSpec.latest()})[partition[0]].result(10)
+        assert latest.offset == 10
     # A partition this consumer never fetched is left out rather than reported as 0.
     assert lag(consumer, [TopicPartition(config.topics.labels, 0)]) == {}
 

@@ -1,10 +1,13 @@
-"""Students against the embedded broker: the join, duplicates, crashes, several students."""
+"""Students against the embedded broker and Apache Kafka: the join, duplicates, crashes, several
+students."""
 
 from __future__ import annotations
 
 import json
 import random
 import time
+
+import pytest
 
 from distill.kafka import Clients
 from student_worker.worker import StudentWorker
@@ -24,6 +27,8 @@ STUDENTS = [
     {"name": "aux", "mode": "aux", "label_wait_s": 0.5, "checkpoint": {"every_batches": 5}},
     {"name": "none", "mode": "none", "label_wait_s": 0.5, "checkpoint": {"every_batches": 5}},
 ]
+
+pytestmark = pytest.mark.both_brokers
 
 
 def _label_everything(config, batches: int) -> TeacherWorker:
