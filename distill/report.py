@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distill.progress import _clean
+from distill.progress import _clean, history
 
 
 def _first_binary(report: dict) -> str | None:
@@ -92,12 +92,12 @@ def _plot(report: dict, progress_dir: Path, target: Path) -> None:
     series = [("teacher", report["teacher"]["name"], "teacher", "examples_labeled")]
     series += [("student", name, f"{name} ({s['mode']})", "examples_trained") for name, s in report["students"].items()]
     for role, name, label, x_key in series:
-        path = progress_dir / f"{role}-{name}.jsonl"
-        if not path.exists():
+        # With the rotated files (.1, .2): a long run's curve keeps what is still on disk.
+        records = list(history(progress_dir / f"{role}-{name}.jsonl"))
+        if not records:
             continue
         xs, ys_metric, ys_auc = [], [], []
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
+        for rec in records:
             values = rec.get("metrics", {}).get(task, {}).get("main", {}).get("windowed", {})
             if values.get(metric) is None:
                 continue
