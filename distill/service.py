@@ -15,10 +15,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import MetricsHandler
 
 from distill import __version__
 from distill import metrics as m
@@ -114,12 +114,14 @@ class Service:
     def start_http(self) -> int:
         service = self
 
-        class Handler(BaseHTTPRequestHandler):
+        # prometheus_client's own handler serves /metrics: it negotiates the format from Accept
+        # (OpenMetrics or text 0.0.4), gzips when asked and honours ?name[]=.
+        class Handler(MetricsHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?")[0]
                 if path == "/metrics":
                     service.ready()  # distill_ready as of this scrape
-                    self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+                    super().do_GET()
                 elif path in ("/healthz", "/readyz"):
                     ok, why = service.healthy() if path == "/healthz" else service.ready()
                     body = json.dumps({"ok": ok, "role": service.role, "worker": service.worker, "detail": why})
