@@ -198,3 +198,11 @@ class Throughput:
             sample = examples / seconds
             self.rate = sample if self.rate == 0 else self.alpha * sample + (1 - self.alpha) * self.rate
         return self.rate
+
+
+# -- teacher pool: partition ownership --------------------------------------------------------
+# Readiness of a labeler means connected and able to work; whether it owns partitions is this
+# (0 for a surge pod, or with more labelers than partitions).
+TEACHER_ASSIGNED_PARTITIONS = Gauge(
+    "distill_teacher_assigned_partitions", "Partitions of the examples topic this labeler owns", ["teacher"]
+)

@@ -189,19 +189,24 @@ class Labeler:
         self.consumer.subscribe(
             [topics.examples], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
         )
+        # Ready means connected with a model, able to take partitions: with more labelers than
+        # partitions (a surge pod at the top of the KEDA range) one owns none and must still be
+        # ready, or the rollout waits for it forever. Ownership is a metric.
+        m.TEACHER_ASSIGNED_PARTITIONS.labels(self.name).set(0)
+        self.service.set_ready(True, "connected, waiting for partitions")
 
     def _on_assign(self, consumer, partitions) -> None:
         for tp in partitions:
             self.assigned.add(tp.partition)
         consumer.incremental_assign(partitions)
         log.info("partitions assigned", extra={"partitions": sorted(self.assigned)})
-        self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions")
+        m.TEACHER_ASSIGNED_PARTITIONS.labels(self.name).set(len(self.assigned))
 
     def _on_revoke(self, consumer, partitions) -> None:
         for tp in partitions:
             self.assigned.discard(tp.partition)
         consumer.incremental_unassign(partitions)
-        self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions assigned")
+        m.TEACHER_ASSIGNED_PARTITIONS.labels(self.name).set(len(self.assigned))
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -214,7 +219,7 @@ class Labeler:
             self._idle()
             return True
         started = time.perf_counter()
-        self.service.set_ready(bool(self.assigned), "assigned")
+        self.service.set_ready(True, "labelling")
         labelled: list[tuple[object, ExampleBatch, CheckpointAnnouncement]] = []
         try:
             rewind = self._transaction(records, labelled)
@@ -329,7 +334,7 @@ class Labeler:
         if not self.probe.check(self.consumer):
             self.service.set_ready(False, "broker unreachable (metadata request timed out)")
         else:
-            self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions assigned")
+            self.service.set_ready(True, f"connected, {len(self.assigned)} partitions assigned")
         if self.progress.due():
             self._write_progress()
             export_lag(self.consumer, self.role, self.name)
