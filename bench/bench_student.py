@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from bench.workers import read_batches, stream, timed_steps
-from distill.losses import student_loss
-from distill.models import RankingModel, batch_tensors, make_optimizer
+from distill.gate import TeacherGate
+from distill.step import Learner, Objective
 from student_worker.worker import StudentWorker
 from teacher_worker.worker import TeacherWorker
 
@@ -23,20 +23,13 @@ EXAMPLES = 120_000
 
 def in_memory_rate(cfg, batches, logits) -> float:
     sc = cfg.student("aux")
-    torch.manual_seed(0)
-    names = [t.name for t in cfg.tasks]
-    model = RankingModel(cfg.features, cfg.tasks, sc.model, aux_tasks=names)
-    opt = make_optimizer(model, sc.model)
+    learner = Learner.build(cfg, sc.model, Objective.student(cfg, sc), torch.device("cpu"))
     kinds = [t.type for t in cfg.tasks]
-    cpu = torch.device("cpu")
+    gate = TeacherGate.of(sc, learner.objective.distilled, kinds)
     started = time.perf_counter()
-    for b, t in zip(batches, logits, strict=False):
-        cat, dense, y = batch_tensors([b], cpu)
-        main, aux = model(cat, dense)
-        loss, _ = student_loss("aux", main, aux, y, torch.from_numpy(t), kinds, [0, 1], sc.soft_weight, 1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for b, t in zip(batches, logits, strict=True):
+        scored = learner.step(learner.tensors(b), t, sc.soft_weight, gate.fractions())
+        gate.update(scored.main, t, b.labels)
     return sum(b.size for b in batches) / (time.perf_counter() - started)
 
 

@@ -1,8 +1,8 @@
 """The teacher worker against the same model's predict+train loop on batches in memory.
 
-The worker consumes, decodes, predicts, publishes labels and commits a Kafka transaction per
-step, then trains; the baseline runs only the model's predict (no gradients) and train step on
-the same decoded batches. The ratio is the share of the model's own speed the service keeps
+The worker consumes, decodes, scores and trains each batch (``Learner.step``), publishes the
+labels and commits a Kafka transaction per step; the baseline runs only ``Learner.step`` on the
+same decoded batches. The ratio is the share of the model's own speed the service keeps
 (target at least 0.85).
 """
 
@@ -13,29 +13,17 @@ import time
 import torch
 
 from bench.workers import read_batches, stream, timed_steps
-from distill.losses import hard_losses
-from distill.models import RankingModel, batch_tensors, make_optimizer
+from distill.step import Learner, Objective
 from teacher_worker.worker import TeacherWorker
 
 EXAMPLES = 60_000
 
 
 def in_memory_rate(cfg, batches) -> float:
-    torch.manual_seed(0)
-    model = RankingModel(cfg.features, cfg.tasks, cfg.teacher.model)
-    opt = make_optimizer(model, cfg.teacher.model)
-    kinds = [t.type for t in cfg.tasks]
-    cpu = torch.device("cpu")
+    learner = Learner.build(cfg, cfg.teacher.model, Objective.teacher(cfg), torch.device("cpu"))
     started = time.perf_counter()
     for b in batches:
-        cat, dense, y = batch_tensors([b], cpu)
-        model.eval()
-        with torch.no_grad():
-            model(cat, dense)
-        model.train()
-        opt.zero_grad()
-        torch.stack(hard_losses(model(cat, dense)[0], y, kinds)).sum().backward()
-        opt.step()
+        learner.step(learner.tensors(b))
     return sum(b.size for b in batches) / (time.perf_counter() - started)
 
 

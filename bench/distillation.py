@@ -106,13 +106,15 @@ def _student(config: Config, sc: StudentConfig, device: torch.device, gated: boo
     learner = Learner.build(config, sc.model, objective, device, config.features.subset(sc.features))
     gate = None
     if sc.mode != "none":
-        gc = sc.gate.model_copy(update={"enabled": gated})
-        gate = TeacherGate(gc, sc.soft_weight, objective.distilled, objective.kinds)
+        gc = sc.gate if gated else sc.gate.model_copy(update={"enabled": False})
+        gate = TeacherGate.of(sc.model_copy(update={"gate": gc}), objective.distilled, objective.kinds)
     names = [t.name for t in config.tasks]
     return Arm(sc.name, learner, ProgressiveEvaluator(names, objective.kinds), gate, sc.soft_weight)
 
 
-def run_order(config: Config, order: list[ExampleBatch], launch: float, device: torch.device) -> dict:
+def run_order(
+    config: Config, order: list[ExampleBatch], launch: float, device: torch.device, ungated: bool = True
+) -> dict:
     names, kinds = [t.name for t in config.tasks], [t.type for t in config.tasks]
     teacher = Learner.build(config, config.teacher.model, Objective.teacher(config), device)
     t_eval = ProgressiveEvaluator(names, kinds)
@@ -120,7 +122,7 @@ def run_order(config: Config, order: list[ExampleBatch], launch: float, device: 
     arms += [
         _student(config, sc.model_copy(update={"name": f"{sc.name}-ungated"}), device, gated=False)
         for sc in config.students
-        if sc.mode != "none" and sc.gate.enabled
+        if ungated and sc.mode != "none" and sc.gate.enabled
     ]
     start = int(launch * len(order))
     for i, batch in enumerate(order):
@@ -130,8 +132,8 @@ def run_order(config: Config, order: list[ExampleBatch], launch: float, device: 
             continue
         t_eval.update("main", scored.main, batch.labels)
         for arm in arms:
-            weights = arm.gate.weights() if arm.gate is not None else 0.0
-            out = arm.learner.step(arm.learner.tensors(batch), scored.main, weights)
+            gate = arm.gate.fractions() if arm.gate is not None else None
+            out = arm.learner.step(arm.learner.tensors(batch), scored.main, arm.soft_weight, gate)
             assert out is not None
             arm.evaluator.update("main", out.main, batch.labels)
             if arm.gate is not None:
@@ -155,8 +157,10 @@ def main() -> None:
     ap.add_argument("--source", default="synthetic", choices=["synthetic", "movielens", "file"])
     ap.add_argument("--config", default=None)
     ap.add_argument("--examples", type=int, default=None)
-    ap.add_argument("--orders", type=int, default=3, help="consumption orders (seeds 0..N-1)")
+    ap.add_argument("--orders", type=int, default=3, help="consumption orders (seeds F..F+N-1)")
+    ap.add_argument("--first-order", type=int, default=0, help="F: the first order's seed")
     ap.add_argument("--launch", type=float, default=0.0, help="share of the stream the teacher trains on alone")
+    ap.add_argument("--no-ungated", action="store_true", help="no ungated copy of each gated student")
     ap.add_argument("--set", action="append", default=[], help="a JSON override, e.g. teacher.model.hidden=[256]")
     args = ap.parse_args()
     overrides: dict = {}
@@ -172,10 +176,10 @@ def main() -> None:
     device = resolve_device("cpu")
     partitions = stream_batches(config, args.source, args.examples)
     rows = []
-    for seed in range(args.orders):
+    for seed in range(args.first_order, args.first_order + args.orders):
         started = time.perf_counter()
         order = interleave(partitions, seed) if config.topics.partitions > 1 else partitions[0]
-        r = run_order(config, order, args.launch, device)
+        r = run_order(config, order, args.launch, device, ungated=not args.no_ungated)
         rows.append(r)
         none = r.get("none", float("nan"))
         gains = {k: 100 * (none - v) / none for k, v in r.items() if isinstance(v, float) and k not in ("none",)}

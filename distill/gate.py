@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.config import GateConfig, TaskType
+from distill.config import GateConfig, StudentConfig, TaskType
 
 _EPS = 1e-7
 
@@ -32,8 +32,11 @@ def batch_loss(outputs: np.ndarray, labels: np.ndarray, kind: TaskType) -> float
 
 
 class TeacherGate:
-    def __init__(self, config: GateConfig, soft_weight: float, distilled: list[int], kinds: list[TaskType]):
+    def __init__(
+        self, config: GateConfig, soft_weight: float, distilled: list[int], kinds: list[TaskType], aux: bool = True
+    ):
         self.config = config
+        self.aux = aux  # the open start applies to aux mode only
         self.soft_weight = soft_weight
         self.distilled = distilled
         self.kinds = kinds
@@ -41,22 +44,31 @@ class TeacherGate:
         self.student_loss = np.zeros(n)  # exponentially weighted; 0 with weight 0: nothing seen
         self.label_loss = np.zeros(n)
         self.seen = np.zeros(n)  # the sum of the weights, to correct the start-up bias
+        self.examples = 0  # with a joined label
+
+    @classmethod
+    def of(cls, sc: StudentConfig, distilled: list[int], kinds: list[TaskType], mode: str | None = None) -> TeacherGate:
+        """The gate of a student (``mode`` overrides the student's own, as the sweep's arms do)."""
+        return cls(sc.gate, sc.soft_weight, distilled, kinds, aux=(mode or sc.mode) == "aux")
 
     def weights(self) -> list[float]:
-        """The soft weight of each distilled task for the next batch."""
-        if not self.config.enabled:
-            return [self.soft_weight] * len(self.distilled)
+        """The soft weight in effect of each distilled task for the next batch."""
         return [self.soft_weight * f for f in self.fractions()]
 
     def fractions(self) -> list[float]:
+        """The share of the soft weight each distilled task gets for the next batch."""
+        if not self.config.enabled:
+            return [1.0] * len(self.distilled)
+        # aux mode, early on: the benefit of the doubt, unless the labels already trail
+        shift = 1.0 if self.aux and self.examples < self.config.open_for_examples else 0.0
         out = []
         for j in range(len(self.distilled)):
             if self.seen[j] <= 0:
-                out.append(0.0)  # no evidence yet that the teacher leads
+                out.append(0.0)  # no evidence yet
                 continue
             student, label = self.student_loss[j] / self.seen[j], self.label_loss[j] / self.seen[j]
             lead = (student - label) / max(student, _EPS)
-            out.append(float(np.clip(lead / self.config.margin, 0.0, 1.0)))
+            out.append(float(np.clip(lead / self.config.margin + shift, 0.0, 1.0)))
         return out
 
     def leads(self) -> list[float]:
@@ -70,6 +82,7 @@ class TeacherGate:
         """One batch with a joined label: the serving head's pre-step outputs, the teacher's
         labels and the hard labels, all [n, tasks] in the targets' units."""
         n = labels.shape[0]
+        self.examples += n
         decay = 0.5 ** (n / self.config.half_life_examples)
         for j, i in enumerate(self.distilled):
             s = batch_loss(main[:, i], labels[:, i], self.kinds[i])
@@ -90,3 +103,4 @@ class TeacherGate:
             self.student_loss = np.array(state["student_loss"], dtype=np.float64)
             self.label_loss = np.array(state["label_loss"], dtype=np.float64)
             self.seen = np.array(state["seen"], dtype=np.float64)
+            self.examples = int(state.get("examples", 0))

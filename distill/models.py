@@ -117,11 +117,22 @@ class RankingModel(nn.Module):
             x = layer(x0, x)
         return self.tower(x)
 
-    def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, categorical: torch.Tensor, dense: torch.Tensor, aux_share: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (main outputs [n, tasks], auxiliary outputs [n, aux tasks] or None), in
-        the model's own units (regression standardised); ``to_raw`` converts them."""
+        the model's own units (regression standardised); ``to_raw`` converts them.
+
+        ``aux_share`` [aux tasks] in [0, 1]: the share of each aux column's gradient that
+        reaches the shared layers (the aux head itself always gets all of it). The values are
+        the same whatever the share; only what the teacher teaches the shared layers changes."""
         h = self.embed(categorical, dense)
-        return self.head(h), (self.aux_head(h) if self.aux_head is not None else None)
+        if self.aux_head is None:
+            return self.head(h), None
+        aux = self.aux_head(h)
+        if aux_share is not None:
+            aux = aux_share * aux + (1 - aux_share) * self.aux_head(h.detach())
+        return self.head(h), aux
 
     # -- target standardisation ------------------------------------------------------------
     def _scale(self, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,13 +141,20 @@ class Learner:
         self,
         batch: Batch | None,
         teacher: np.ndarray | None = None,
-        soft_weights: list[float] | float = 0.0,
+        soft_weight: float = 0.0,
+        gate: list[float] | None = None,
         share: float = 1.0,
     ) -> Scored | None:
-        """Score ``batch``, then one optimizer step on it. ``teacher``: the teacher's labels
-        in raw units ([n, tasks]) or None. ``share``: this batch's share of the examples of a
-        collective step (its loss is scaled by it, so the summed gradient is the mean). A rank
-        without a batch passes None and still joins the collectives."""
+        """Score ``batch``, then one optimizer step on it.
+
+        ``teacher``: the teacher's labels in raw units ([n, tasks]) or None. ``soft_weight``:
+        the configured weight of the soft labels. ``gate``: per distilled task, the share in
+        [0, 1] the teacher-quality gate lets through (None: all). In ``direct`` mode it scales
+        the soft share of the serving head's target; in ``aux`` mode the aux head always
+        learns the labels with the full weight and the gate scales what reaches the shared
+        layers, so the head is ready whenever the gate opens. ``share``: this batch's share of
+        the examples of a collective step (its loss is scaled by it, so the summed gradient is
+        the mean). A rank without a batch passes None and still joins the collectives."""
         model, obj = self.model, self.objective
         self.optimizer.zero_grad()
         scored: Scored | None = None
@@ -155,8 +162,13 @@ class Learner:
         if batch is not None:
             if self.eval_scores:
                 scores = predict(model, batch.categorical, batch.dense)
+            gates = gate if gate is not None else [1.0] * len(obj.distilled)
+            aux_share = None
+            if obj.mode == "aux" and gate is not None:
+                aux_share = torch.tensor(gates, dtype=torch.float32, device=self.device)
+            soft_weights = [soft_weight * g for g in gates] if obj.mode == "direct" else soft_weight
             with autocast(self.device):
-                main, aux = model(batch.categorical, batch.dense)
+                main, aux = model(batch.categorical, batch.dense, aux_share)
             if not self.eval_scores:
                 scores = model.to_raw(main.detach()).cpu().numpy()
             aux_np = None if aux is None else model.to_raw(aux.detach(), aux=True).cpu().numpy()

@@ -241,12 +241,12 @@ class ProxyStudent:
         self.learner = Learner.build(config, sc.model, objective, device, config.features.subset(sc.features))
         self.model = self.learner.model
         self.distilled = objective.distilled
-        self.gate = TeacherGate(sc.gate, sc.soft_weight, objective.distilled, objective.kinds)
+        self.gate = TeacherGate.of(sc, objective.distilled, objective.kinds, mode)
         self.scores = _Scores(config)
         self.nan_steps = 0
 
     def step(self, batch: ExampleBatch, teacher: np.ndarray | None) -> None:
-        scored = self.learner.step(self.learner.tensors(batch), teacher, self.gate.weights())
+        scored = self.learner.step(self.learner.tensors(batch), teacher, self.gate.soft_weight, self.gate.fractions())
         assert scored is not None
         self.scores.update(scored.main, batch.labels)
         if teacher is not None:

@@ -74,7 +74,7 @@ class StudentWorker:
         self.features = config.features.subset(sc.features)
         self.learner = Learner.build(config, sc.model, objective, self.device, self.features)
         self.model, self.optimizer = self.learner.model, self.learner.optimizer
-        self.gate = TeacherGate(sc.gate, sc.soft_weight, self.distilled, self.kinds)
+        self.gate = TeacherGate.of(sc, self.distilled, self.kinds)
         self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
         self.clients = Clients(config.kafka, f"student.{name}")
         self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, name), sc.checkpoint.keep)
@@ -368,7 +368,7 @@ class StudentWorker:
         teacher = r.label.label.logits if r.label is not None else None
         if self.null:  # transport benchmark: no forward pass, no training
             return Trained(batch.labels, teacher, None)
-        scored = self.learner.step(self.learner.tensors(batch), teacher, self.gate.weights())
+        scored = self.learner.step(self.learner.tensors(batch), teacher, self.sc.soft_weight, self.gate.fractions())
         assert scored is not None
         if not scored.stepped:
             m.STUDENT_NAN.labels(self.name).inc()

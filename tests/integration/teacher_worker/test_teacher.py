@@ -11,8 +11,8 @@ import pytest
 import torch
 from confluent_kafka import KafkaException
 
-from distill.losses import hard_losses
-from distill.models import RankingModel, batch_tensors, make_optimizer
+from distill.step import predict
+from distill.sweep import SweepTeacher
 from distill.wire import Codec, LabelBatch, ids_checksum
 from teacher_worker.worker import TeacherWorker
 from tests.integration.workers import (
@@ -78,27 +78,24 @@ def test_labels_are_out_of_sample(make_config):
     batches = [codec.decode_examples(m.value(), m.headers()) for m in read_all(config, config.topics.examples)]
     assert [b.batch_id for b in batches] == [lb.batch_id for _, _, lb in labels]
 
-    torch.manual_seed(config.teacher.model.seed)
-    replica = RankingModel(config.features, config.tasks, config.teacher.model)
-    opt = make_optimizer(replica, config.teacher.model)
-    kinds = [t.type for t in config.tasks]
+    # The sweep's teacher is the worker's learning without Kafka: on the same batches it gives
+    # the same labels and ends with the same weights.
+    replica = SweepTeacher(config, config.teacher.model, torch.device("cpu"))
     moved = 0
-    for batch, (_, _, lb) in zip(batches, labels, strict=False):
-        cat, dense, y = batch_tensors([batch], torch.device("cpu"))
-        replica.eval()
-        with torch.no_grad():
-            before = replica(cat, dense)[0].numpy()
+    for batch, (_, _, lb) in zip(batches, labels, strict=True):
+        t = replica.learner.tensors(batch)
+        before = predict(replica.model, t.categorical, t.dense)  # an eval pass, before the step
         np.testing.assert_allclose(
             lb.logits, before, rtol=1e-4, atol=1e-5, err_msg=f"batch {batch.batch_id} of {len(batches)}"
         )
-        replica.train()
-        opt.zero_grad()
-        torch.stack(hard_losses(replica(cat, dense)[0], y, kinds)).sum().backward()
-        opt.step()
-        with torch.no_grad():
-            after = replica(cat, dense)[0].numpy()
+        np.testing.assert_allclose(replica.label_then_train(batch), lb.logits, rtol=1e-4, atol=1e-5)
+        after = predict(replica.model, t.categorical, t.dense)
         moved += not np.allclose(lb.logits, after, atol=1e-5)
     assert moved == len(batches)  # the check above could tell before from after
+    worker, sweep = teacher.model.state_dict(), replica.model.state_dict()
+    assert worker.keys() == sweep.keys()
+    for name in worker:
+        torch.testing.assert_close(worker[name], sweep[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.both_brokers
