@@ -7,16 +7,18 @@ from typing import Any
 
 import pytest
 
+from producers.recovery import positions_topic
 from tests.deploy.support import (
     APP_OVERLAYS,
     KAFKA_FOR,
     effective_config,
+    main_container,
     named,
     of_kind,
 )
 
 STRIMZI = "kafka.strimzi.io/v1beta2"
-TOPICS = ("examples", "labels", "examples.dlq", "labels.dlq", "teacher.checkpoints")
+TOPICS = ("examples", "labels", "examples.dlq", "labels.dlq", "teacher.checkpoints", "examples.positions")
 WEEK_MS = 7 * 24 * 3600 * 1000
 
 
@@ -81,6 +83,10 @@ def test_strimzi_resources_are_well_formed(kafka_overlays, overlay):
     )
     for name in ("examples", "labels"):
         assert int(topics[name]["spec"]["config"]["retention.ms"]) >= WEEK_MS, f"{name}: students backfill a week"
+    # A replay producer's positions: only each producer's last record counts, read in order.
+    positions = topics[positions_topic("examples")]["spec"]
+    assert positions["partitions"] == 1, "the positions topic has one partition (overlays must not patch it)"
+    assert positions["config"]["cleanup.policy"] == "compact"
 
     (user,) = of_kind(docs, "KafkaUser")
     assert user["metadata"]["labels"]["strimzi.io/cluster"] == cluster
@@ -115,6 +121,7 @@ def test_workers_config_agrees_with_the_kafka_they_are_deployed_with(app_overlay
     )
     acls = user["spec"]["authorization"]["acls"]
 
+    producers = 0
     for d in of_kind(docs, "Deployment"):
         cfg = effective_config(docs, d, tmp_path)
         where = d["metadata"]["name"]
@@ -173,7 +180,22 @@ def test_workers_config_agrees_with_the_kafka_they_are_deployed_with(app_overlay
                 assert _allows(acls, "topic", t.checkpoints, op), f"ACL {op} on topic {t.checkpoints}"
         for s in cfg.students:
             assert _allows(acls, "group", s.group_id, "Read"), f"ACL Read on group {s.group_id}"
+        # A resumable replay producer (a position file) is transactional and keeps its position
+        # in <examples>.positions (producers/service.py, producers/recovery.py).
+        if main_container(d)["args"][0] == "produce" and cfg.producer.position_file:
+            name = positions_topic(t.examples)
+            assert name in topics, f"{where}: a resumable producer needs the KafkaTopic {name}"
+            spec = topics[name]["spec"]
+            assert spec["partitions"] == 1 and spec["config"]["cleanup.policy"] == "compact", name
+            assert spec["replicas"] == t.replication_factor, f"{where}: topics.replication_factor vs {name}"
+            for op in ("Describe", "Read", "Write"):
+                assert _allows(acls, "topic", name, op), f"ACL {op} on topic {name}"
+            tid = f"producer.{cfg.producer.producer_id}"
+            for op in ("Describe", "Write"):
+                assert _allows(acls, "transactionalId", tid, op), f"ACL {op} on transactional id {tid}"
+            producers += 1
         assert _allows(acls, "cluster", "", "IdempotentWrite")
+    assert producers == 1, "the producer Deployment replays with a position file (config.toml): exactly-once"
 
 
 def test_kafka_dev_and_prod_differ_only_in_size(kafka_overlays):

@@ -14,6 +14,7 @@ import typer
 
 from distill.cli import app
 from distill.config import Config
+from distill.kafka import client_config
 from distill.service import Service
 from tests.deploy.support import (
     APP_OVERLAYS,
@@ -244,6 +245,33 @@ def test_base_config_file_loads_as_is(tmp_path):
 
     cfg = load_config(K8S / "base" / "config.toml", environ={})
     assert cfg.kafka.sasl_password is None and cfg.kafka.ssl_key_password is None
+
+
+@pytest.mark.parametrize("overlay", APP_OVERLAYS)
+def test_every_workers_kafka_extra_is_accepted_at_start_up(app_overlays, overlay, tmp_path):
+    """A key of kafka.extra that the system controls (isolation.level, transactional.id...) is a
+    ConfigError when a worker starts: every pod would crash-loop. Caught here instead."""
+    docs = app_overlays[overlay]
+    for d in workers(docs):
+        client_config(effective_config(docs, d, tmp_path).kafka)
+
+
+@pytest.mark.parametrize("overlay", APP_OVERLAYS)
+def test_the_producer_is_a_resumable_transactional_replay(app_overlays, overlay, tmp_path):
+    """With a position file the replay is resumable, and so transactional (id
+    producer.<producer_id>; its positions topic and ACLs: test_kafka.py). The position file
+    lives on the producer's own volume, and one process holds the transactional id: a second
+    one would fence the first."""
+    docs = app_overlays[overlay]
+    (producer,) = [d for d in workers(docs) if main_container(d)["args"][0] == "produce"]
+    name = producer["metadata"]["name"]
+    cfg = effective_config(docs, producer, tmp_path)
+    assert cfg.producer.position_file, f"{name}: without producer.position_file a restart replays from the start"
+    position = Path(cfg.producer.position_file)
+    assert position.is_relative_to(cfg.state_dir), f"{name}: the position file must be under state_dir"
+    _, volume = volume_of(producer, str(cfg.state_dir))
+    assert "persistentVolumeClaim" in volume, f"{name}: the position file must survive the pod"
+    assert producer["spec"]["replicas"] == 1 and producer["spec"]["strategy"] == {"type": "Recreate"}, name
 
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
