@@ -28,7 +28,110 @@ def redacted(conf: dict[str, Any]) -> dict[str, Any]:
     return {k: ("***" if any(s in k for s in _SECRET_KEYS) else v) for k, v in conf.items()}
 
 
+# What the system sets itself, because a guarantee rests on it: kafka.extra may not change
+# these (a ConfigError at start-up says why). Every other librdkafka property in kafka.extra wins
+# over the built-in value.
+RESERVED: dict[str, str] = {
+    "isolation.level": "read_committed keeps the records of aborted transactions out of training and joins",
+    "enable.auto.commit": "offsets are committed with the transaction or checkpoint they belong to, never in the "
+    "background (a background commit would skip examples after a crash)",
+    "enable.auto.offset.store": "offsets are stored only for records that were processed",
+    "transactional.id": "each worker derives its own from its group and name (two processes with one id fence "
+    "each other); set the worker's name instead",
+    "enable.idempotence": "transactions and exactly-once delivery need the idempotent producer",
+    "acks": "the idempotent producer needs acks=all",
+    "transaction.timeout.ms": "each transactional worker sets its own, sized for its recovery",
+    "group.id": "set by the config (teacher.group_id, teacher.pool.labeler_group_id, students' group_id)",
+    "partition.assignment.strategy": "a student joins examples and labels by partition number (range); the other "
+    "workers rely on cooperative rebalancing",
+    "auto.offset.reset": "a new consumer group starts at the oldest retained example: the teacher labels every "
+    "batch, a new student backfills",
+    "enable.partition.eof": "the workers' loops and the producer's recovery set it as they need",
+}
+# Properties that have their own field in [kafka]: one name per option.
+_FIELDS = {
+    "bootstrap.servers": "bootstrap_servers",
+    "client.id": "client_id",
+    "security.protocol": "security_protocol",
+    "sasl.mechanism": "sasl_mechanism",
+    "sasl.username": "sasl_username",
+    "sasl.password": "sasl_password",
+    "ssl.ca.location": "ssl_ca_location",
+    "ssl.certificate.location": "ssl_certificate_location",
+    "ssl.key.location": "ssl_key_location",
+    "ssl.key.password": "ssl_key_password",
+    "session.timeout.ms": "session_timeout_ms",
+    "compression.type": "compression_type",
+}
+
+# librdkafka properties that apply to one kind of client only (its CONFIGURATION.md, C or P):
+# kafka.extra is one flat table, and a consumer property given to a producer makes librdkafka
+# log a CONFWARN line at every start. Unlisted properties go to every client.
+CONSUMER_ONLY = frozenset(
+    {
+        "fetch.wait.max.ms",
+        "fetch.min.bytes",
+        "fetch.max.bytes",
+        "fetch.message.max.bytes",
+        "max.partition.fetch.bytes",
+        "fetch.error.backoff.ms",
+        "fetch.queue.backoff.ms",
+        "queued.min.messages",
+        "queued.max.messages.kbytes",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+        "auto.commit.interval.ms",
+        "group.instance.id",
+        "coordinator.query.interval.ms",
+        "check.crcs",
+    }
+)
+PRODUCER_ONLY = frozenset(
+    {
+        "linger.ms",
+        "queue.buffering.max.ms",
+        "queue.buffering.max.messages",
+        "queue.buffering.max.kbytes",
+        "batch.size",
+        "batch.num.messages",
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "request.timeout.ms",
+        "message.send.max.retries",
+        "retries",
+        "compression.level",
+        "sticky.partitioning.linger.ms",
+        "partitioner",
+    }
+)
+
+# Client settings for the embedded broker only (BROKER.md): tansu does not answer a waiting
+# fetch when data arrives, so librdkafka's default fetch.wait.max.ms (500) would be added to
+# every read. Against Apache Kafka the default is right: fewer empty fetch round trips.
+LOCAL_PROFILE: dict[str, str | int | float | bool] = {"fetch.wait.max.ms": 25}
+
+
+def local_profile(extra: dict[str, Any]) -> dict[str, Any]:
+    """``kafka.extra`` for clients of the embedded broker: LOCAL_PROFILE under the user's own
+    extra (the user's value wins). ``distill up`` applies it when it starts the broker."""
+    return {**LOCAL_PROFILE, **extra}
+
+
+def check_extra(extra: dict[str, Any]) -> None:
+    """A ConfigError for a property of ``kafka.extra`` the system must control, or that has its
+    own field in [kafka]."""
+    for key in extra:
+        if key in RESERVED:
+            raise ConfigError(f"kafka.extra must not set {key!r}: {RESERVED[key]}. Remove it from kafka.extra.")
+        if key in _FIELDS:
+            raise ConfigError(f"kafka.extra must not set {key!r}: set kafka.{_FIELDS[key]} instead.")
+
+
 def client_config(kafka: KafkaConfig) -> dict[str, Any]:
+    """The settings every client shares, with the properties of kafka.extra that are not for
+    one kind of client only. The producer and consumer factories apply kafka.extra again after
+    their own defaults, so that the user's value wins there too."""
+    check_extra(kafka.extra)
     conf: dict[str, Any] = {
         "bootstrap.servers": kafka.bootstrap_servers,
         "client.id": kafka.client_id,
@@ -44,7 +147,7 @@ def client_config(kafka: KafkaConfig) -> dict[str, Any]:
         "ssl.key.password": kafka.ssl_key_password,
     }
     conf.update({k: v for k, v in optional.items() if v is not None})
-    conf.update(kafka.extra)
+    conf.update({k: v for k, v in kafka.extra.items() if k not in CONSUMER_ONLY | PRODUCER_ONLY})
     return conf
 
 
@@ -83,7 +186,15 @@ class Clients:
         self.name = name
         self.base = client_config(kafka) | {"client.id": f"{kafka.client_id}.{name}", "error_cb": _log_error}
 
-    def producer(self, transactional_id: str | None = None, **overrides: Any) -> Producer:
+    def _extra(self, skip: frozenset[str]) -> dict[str, Any]:
+        return {k: v for k, v in self.kafka.extra.items() if k not in skip}
+
+    def _with_extra(self, defaults: dict[str, Any], skip: frozenset[str], overrides: dict[str, Any]) -> dict[str, Any]:
+        # defaults < the user's kafka.extra < what the call site needs. kafka.extra cannot hold
+        # a reserved key (check_extra), so a call site never overrides the user silently.
+        return defaults | self._extra(skip) | overrides
+
+    def producer_config(self, transactional_id: str | None = None, **overrides: Any) -> dict[str, Any]:
         conf = self.base | {
             "enable.idempotence": True,
             "acks": "all",
@@ -93,12 +204,14 @@ class Clients:
             "message.max.bytes": 16 * 1024 * 1024,
         }
         if transactional_id:
-            conf["transactional.id"] = transactional_id
-        return Producer(conf | overrides)
+            overrides = overrides | {"transactional.id": transactional_id}
+        return self._with_extra(conf, CONSUMER_ONLY, overrides)
 
-    def consumer(self, group_id: str, **overrides: Any) -> Consumer:
+    def producer(self, transactional_id: str | None = None, **overrides: Any) -> Producer:
+        return Producer(self.producer_config(transactional_id, **overrides))
+
+    def consumer_config(self, group_id: str, **overrides: Any) -> dict[str, Any]:
         conf = self.base | {
-            "group.id": group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
@@ -109,12 +222,14 @@ class Clients:
             # Small per-partition fetches interleave the partitions: a model that reads one
             # partition's whole backlog before the next jumps back and forth in event time.
             "max.partition.fetch.bytes": 256 * 1024,
-            # A fetch that waits for data is not answered early by the embedded broker: the
-            # default 500 ms wait would then be added to every label delay.
-            "fetch.wait.max.ms": 25,
+            # fetch.wait.max.ms stays librdkafka's: the embedded broker's lower value is in
+            # LOCAL_PROFILE.
             "enable.partition.eof": False,
         }
-        return Consumer(conf | overrides)
+        return self._with_extra(conf, PRODUCER_ONLY, {"group.id": group_id} | overrides)
+
+    def consumer(self, group_id: str, **overrides: Any) -> Consumer:
+        return Consumer(self.consumer_config(group_id, **overrides))
 
     def admin(self) -> AdminClient:
         return AdminClient(self.base)

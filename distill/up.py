@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from confluent_kafka import TopicPartition
 
 from distill.broker import EmbeddedBroker, free_port
 from distill.config import Config
-from distill.kafka import Clients, ensure_topics
+from distill.kafka import Clients, ensure_topics, local_profile
 from distill.processes import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,13 @@ class Pipeline:
         live: bool | None = None,
         producer_args: list[str] | None = None,
         labelers: int = 0,
+        launch_after: int = 0,
     ):
         self.config = config
         self.labelers = labelers
+        # > 0: the teacher trains alone on this many examples before the students start
+        # (a student launched beside a long-running teacher); the students train on the rest.
+        self.launch_after = launch_after
         self.source = source
         self.examples = examples
         self.duration = duration
@@ -144,6 +149,8 @@ class Pipeline:
         if self.bootstrap is None:
             self.broker = EmbeddedBroker(log_file=state / "logs" / "broker.log").start()
             self.bootstrap = self.broker.bootstrap
+            # Client settings tuned for it, under the user's own kafka.extra (which wins).
+            self.config.kafka.extra = local_profile(self.config.kafka.extra)
         self.config.kafka.bootstrap_servers = self.bootstrap
         config_path = state / "config.yaml"
         config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
@@ -188,12 +195,48 @@ class Pipeline:
         port = free_port()
         # --hold: the producer keeps its final counters on /metrics until the run ends
         cmd = py + ["produce", self.source, "--config", str(config_path), "--metrics-port", str(port), "--hold"]
-        if self.examples:
-            cmd += ["--examples", str(self.examples)]
+        examples = self.examples
+        if self.launch_after:
+            # Two runs of one resumable replay: the first stops where the students start.
+            position = ["--position-file", str(self.config.state_dir / "producer.position")]
+            first = py + ["produce", self.source, "--config", str(config_path), "--metrics-port", str(free_port())]
+            first += ["--examples", str(self.launch_after), *position]
+            name = self.config.producer.producer_id
+            kids.append(Child("producer", name, first + self.producer_args, 0, logs / "producer-before-launch.log"))
+            cmd += position
+            examples = examples - self.launch_after if examples else None
+        if examples:
+            cmd += ["--examples", str(examples)]
         kids.append(
             Child("producer", self.config.producer.producer_id, cmd + self.producer_args, port, logs / "producer.log")
         )
         return kids
+
+    def _launch_students_later(self, env: dict[str, str]) -> Child | None:
+        """The teacher alone on the first ``launch_after`` examples; then the students, which
+        start at the end of both topics (their groups' offsets are set there)."""
+        first = self.children[[c.role for c in self.children].index("producer")]
+        first.start(env)
+        while first.poll() is None and not self.stop_requested:
+            time.sleep(0.2)
+        if first.exit_code not in (0, None):
+            return first
+        # Its summary moves aside: the file is the second run's from now on.
+        summary = self.config.progress_dir() / f"producer-{first.name}.summary.json"
+        if summary.exists():
+            summary.replace(summary.with_name(f"producer-{first.name}.before-launch.summary.json"))
+        while not self.stop_requested:
+            labelled = sum(
+                self.status().get(f"teacher:{c.name}", {}).get("examples_labeled", 0) for c in self._labelling()
+            )
+            if labelled >= self.launch_after:
+                break
+            for c in self._labelling():
+                if c.poll() is not None:
+                    return c
+            time.sleep(0.2)
+        start_groups_at_end(self.config)
+        return None
 
     def _start_prometheus(self) -> None:
         binary = shutil.which("prometheus")
@@ -281,8 +324,13 @@ class Pipeline:
             # start before the teacher would time out on labels that are only late.
             for role in ("teacher", "student", "producer"):
                 group = [c for c in self.children if c.role == role]
+                if role == "student" and self.launch_after:
+                    failed = self._launch_students_later(env)
+                    if failed is not None:
+                        break
                 for child in group:
-                    child.start(env)
+                    if child.process is None:
+                        child.start(env)
                 if role != "producer":
                     failed = self._wait_ready(group)
                     if failed is not None:
@@ -357,14 +405,15 @@ class Pipeline:
         return out
 
     def _done(self, status: dict[str, dict]) -> bool:
-        producer = next(c for c in self.children if c.role == "producer")
+        producer = [c for c in self.children if c.role == "producer"][-1]
         summary = _read_json(self.config.progress_dir() / f"producer-{producer.name}.summary.json") or {}
         produced = summary.get("examples")
-        if produced is None:
+        if produced is None or producer.process is None:
             return False
         labelled = sum(status.get(f"teacher:{c.name}", {}).get("examples_labeled", 0) for c in self._labelling())
-        if labelled < produced:
+        if labelled < produced + self.launch_after:
             return False
+        # after a late launch the students train what came after it
         return all(
             status.get(f"student:{s.name}", {}).get("examples_trained", 0) >= produced for s in self.config.students
         )
@@ -418,7 +467,7 @@ class Pipeline:
         def summary(c: Child) -> dict:
             return _read_json(progress / f"{c.role}-{c.name}.summary.json") or {}
 
-        producer = next(c for c in self.children if c.role == "producer")
+        producer = [c for c in self.children if c.role == "producer"][-1]
         # The teacher's model and metrics: the single teacher, or the pool's trainer.
         teacher_child = next(c for c in self.children if c.extra.get("teacher_role") in ("both", "trainer"))
         ps, ts = summary(producer), summary(teacher_child)
@@ -448,11 +497,14 @@ class Pipeline:
                 "join": {k: s.get(k, 0) for k in ("joined", "missing", "late", "duplicate")},
                 "metrics": task_metrics(s.get("metrics", {}), "main"),
                 "teacher_on_same_batches": task_metrics(s.get("metrics", {}), "teacher"),
+                "features": s.get("features"),
+                "gate": s.get("gate"),
             }
         return {
             "source": self.source,
-            "examples_produced": ps.get("examples", 0),
-            "batches_produced": ps.get("batches", 0),
+            "examples_produced": ps.get("examples", 0) + self.launch_after,
+            "batches_produced": ps.get("batches", 0),  # after the launch, if any: what students saw
+            "launch_after": self.launch_after,
             "duration_s": round(duration_s, 2),
             "bootstrap": self.bootstrap,
             "teacher": {
@@ -461,6 +513,7 @@ class Pipeline:
                 "params": ts.get("params"),
                 "flops_per_example": ts.get("flops_per_example"),
                 "examples_per_s": ts.get("examples_per_s"),
+                "features": self.config.features.categorical_names + list(self.config.features.dense),
                 "metrics": task_metrics(ts.get("metrics", {}), "main"),
                 "pool": None
                 if not labelers
@@ -502,7 +555,39 @@ def run_up(
     live: bool | None = None,
     producer_args: list[str] | None = None,
     labelers: int = 0,
+    launch_after: int = 0,
 ) -> int:
     return Pipeline(
-        config, source, examples, duration, report_dir, bootstrap, prometheus, live, producer_args, labelers
+        config,
+        source,
+        examples,
+        duration,
+        report_dir,
+        bootstrap,
+        prometheus,
+        live,
+        producer_args,
+        labelers,
+        launch_after,
     ).run()
+
+
+def start_groups_at_end(config: Config) -> None:
+    """Commit every student group's offsets at the current end of the examples and labels
+    topics (read to the end: the embedded broker's ListOffsets answer is too low)."""
+    from producers.recovery import read_to_end
+
+    clients = Clients(config.kafka, "up.launch")
+    admin = clients.admin()
+    ends: list[TopicPartition] = []
+    for topic in (config.topics.examples, config.topics.labels):
+        last: dict[int, int] = {}
+        for msg in read_to_end(clients, admin, topic, {}):
+            last[msg.partition()] = max(last.get(msg.partition(), -1), msg.offset())
+        ends += [TopicPartition(topic, p, o + 1) for p, o in last.items()]
+    for s in config.students:
+        consumer = clients.consumer(s.group_id)
+        try:
+            consumer.commit(offsets=ends, asynchronous=False)
+        finally:
+            consumer.close()
