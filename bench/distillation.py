@@ -149,6 +149,7 @@ def run_order(
     for a in arms:
         if a.gate is not None and a.gate.config.enabled:
             result[f"{a.name}.gate"] = a.gate.fractions()
+            result[f"{a.name}.lead"] = a.gate.leads()
     return result
 
 
@@ -188,7 +189,7 @@ def main() -> None:
             + "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float))
             + " | vs none %: "
             + "  ".join(f"{k} {g:+.2f}" for k, g in gains.items())
-            + f" | gate {[(k, [round(x, 2) for x in v]) for k, v in r.items() if k.endswith('.gate')]}"
+            + f" | gate {[(k, [round(x, 3) for x in v]) for k, v in r.items() if k.endswith(('.gate', '.lead'))]}"
             + f" ({time.perf_counter() - started:.0f} s)",
             flush=True,
         )

@@ -252,6 +252,13 @@ def up(
     labelers: Annotated[
         int, typer.Option(min=0, help="0: one teacher process. N: the teacher at scale, a trainer and N labelers.")
     ] = 0,
+    launch_after: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Start the students only after the teacher has trained this many examples; they train on the rest.",
+        ),
+    ] = 0,
 ) -> None:
     """Run the whole pipeline locally: broker, producer, teacher, students; then a report."""
     from distill.up import run_up
@@ -264,6 +271,10 @@ def up(
             # The synthetic stream is endless; its drift schedule spans synthetic.examples.
             examples = examples or cfg.synthetic.examples
             cfg.synthetic.examples = examples
+        if launch_after and examples is not None and launch_after >= examples:
+            raise ConfigError(
+                f"--launch-after {launch_after} leaves no examples for the students (--examples {examples})"
+            )
         code = run_up(
             cfg,
             source,
@@ -273,6 +284,7 @@ def up(
             bootstrap=bootstrap,
             prometheus=prometheus,
             labelers=labelers,
+            launch_after=launch_after,
         )
     except DistillError as exc:
         _fail(exc)

@@ -172,6 +172,15 @@ class RankingModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         state = dict(state_dict)
+        mine = self.state_dict()
+        aux = [k for k in state if k.startswith("aux_head.")]
+        if any(k not in mine or state[k].shape != mine[k].shape for k in aux) or (
+            not aux and any(k.startswith("aux_head.") for k in mine)
+        ):
+            # The tasks it distils changed: the aux head (never served) starts again.
+            log.warning("checkpoint's aux head distils other tasks: the aux head starts again")
+            state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
+            state.update({k: v for k, v in mine.items() if k.startswith("aux_head.")})
         if "target_count" not in state:
             # Written before targets were standardised: its regression heads output raw units.
             log.warning("checkpoint predates target standardisation: this model keeps raw regression units")
@@ -265,12 +274,29 @@ class ModelOptimizer:
             # Weights are kept; only the optimizer's moments start again.
             log.warning("checkpoint's optimizer state is for another table optimizer: optimizer state reset")
             return
-        if not split:
-            self.dense.load_state_dict(state)
-            return
-        self.dense.load_state_dict(state["dense"])
-        assert self.tables is not None
-        self.tables.load_state_dict(state["tables"])
+        parts = [(self.dense, state if not split else state["dense"])]
+        if split:
+            assert self.tables is not None
+            parts.append((self.tables, state["tables"]))
+        for opt, saved in parts:
+            if not _same_shapes(opt, saved):
+                log.warning("checkpoint's optimizer state is for other parameter shapes: optimizer state reset")
+                return
+        for opt, saved in parts:
+            opt.load_state_dict(saved)
+
+
+def _same_shapes(opt: torch.optim.Optimizer, saved: dict) -> bool:
+    """The saved per-parameter state fits this optimizer's parameters (in order)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    ids = [i for group in saved.get("param_groups", []) for i in group["params"]]
+    if len(ids) != len(params):
+        return False
+    for i, p in zip(ids, params, strict=True):
+        for value in saved.get("state", {}).get(i, {}).values():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                return False
+    return True
 
 
 def _adam(params: list[nn.Parameter], config: ModelConfig) -> torch.optim.Optimizer:

@@ -72,10 +72,66 @@ def _markdown(report: dict) -> str:
         "Numbers in brackets: difference to the `none` student (distillation off). "
         "Lower log loss / RMSE and higher AUC are better.",
         "",
-        "![progress](report.png)",
-        "",
     ]
+    lines += _distillation(report, baseline)
+    lines += ["![progress](report.png)", ""]
     return "\n".join(lines)
+
+
+def gains(report: dict) -> dict[str, Any]:
+    """Per task, in percent of the `none` student's loss (log loss, or RMSE), on the batches
+    the students trained: how far the teacher's labels lead it, and how much each student gains."""
+    baseline = next((s for s in report["students"].values() if s["mode"] == "none"), None)
+    if baseline is None:
+        return {}
+    out: dict[str, Any] = {}
+    for task, values in baseline["metrics"].items():
+        key = "logloss" if "logloss" in values else "rmse"
+        base = values.get(key)
+        labels = baseline.get("teacher_on_same_batches", {}).get(task, {}).get(key)
+        if not base:
+            continue
+        out[task] = {
+            "metric": key,
+            "teacher_lead_pct": None if labels is None else 100 * (base - labels) / base,
+            "student_gain_pct": {
+                name: 100 * (base - s["metrics"][task][key]) / base
+                for name, s in report["students"].items()
+                if s is not baseline and s["metrics"][task].get(key) is not None
+            },
+        }
+    return out
+
+
+def _distillation(report: dict, baseline: dict | None) -> list[str]:
+    found = gains(report)
+    if not found:
+        return []
+    launch = report.get("launch_after") or 0
+    where = f" (the students started after the teacher's first {launch:,} examples)" if launch else ""
+    lines = [f"Distillation, in % of the `none` student's loss on the batches the students trained{where}:", ""]
+    names = list(next(iter(found.values()))["student_gain_pct"])
+    lines += ["| task | teacher's labels lead `none` by | " + " | ".join(f"`{n}` gains" for n in names) + " |"]
+    lines += ["|" + "---|" * (2 + len(names))]
+    for task, g in found.items():
+        lead = "-" if g["teacher_lead_pct"] is None else f"{g['teacher_lead_pct']:+.2f}%"
+        cells = [f"{g['student_gain_pct'][n]:+.2f}%" for n in names]
+        lines.append(f"| {task} ({g['metric']}) | {lead} | " + " | ".join(cells) + " |")
+    gated = {n: s["gate"] for n, s in report["students"].items() if s.get("gate")}
+    if gated:
+        lines += ["", "Teacher-quality gate at the end (the labels' smoothed lead, the soft weight in effect):", ""]
+        for name, tasks in gated.items():
+            parts = [
+                f"{task} lead {v['lead']:+.2%}, weight {v['soft_weight']:.2f}" + ("" if v["enabled"] else " (gate off)")
+                for task, v in tasks.items()
+                if v.get("lead") is not None
+            ]
+            lines.append(f"- `{name}`: " + "; ".join(parts))
+    features = {n: s.get("features") for n, s in report["students"].items()}
+    if any(f and f != report["teacher"].get("features") for f in features.values()):
+        lines += ["", "Features: teacher " + ", ".join(report["teacher"].get("features") or [])]
+        lines += [f"- `{n}`: " + ", ".join(f or []) for n, f in features.items()]
+    return lines + [""]
 
 
 def _plot(report: dict, progress_dir: Path, target: Path) -> None:
@@ -121,6 +177,7 @@ def _plot(report: dict, progress_dir: Path, target: Path) -> None:
 def write_report(report: dict[str, Any], directory: Path, progress_dir: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     report = _clean(report)
+    report["distillation"] = gains(report)
     paths = {"json": directory / "report.json", "md": directory / "report.md", "png": directory / "report.png"}
     paths["json"].write_text(json.dumps(report, indent=2))
     paths["md"].write_text(_markdown(report))

@@ -33,8 +33,8 @@ def _up(tmp_path: Path, *args: str, timeout: float = 420) -> tuple[subprocess.Co
     return done, json.loads((report / "report.json").read_text())
 
 
-# The README's reproducible scenario: one partition and one example batch per teacher step, so
-# every model sees the same batches in the same order from the same seeds, whatever the timing.
+# The README's reproducible scenario: one partition, so every model sees the same batches in the
+# same order from the same seeds, whatever the timing.
 SCENARIO = Path(__file__).resolve().parents[2] / "examples" / "synthetic-drift.toml"
 
 
@@ -58,25 +58,59 @@ def test_every_student_trains_every_example_exactly_once(synthetic_run):
     assert {p["role"] for p in r["processes"]} == {"producer", "teacher", "student"}
 
 
-def test_the_teacher_learns(synthetic_run):
-    # Seed 7 of the synthetic stream: 0.676 cumulative AUC over these 200k examples.
-    assert synthetic_run["teacher"]["metrics"]["click"]["auc"] > 0.65
-    # and it is ahead of the small models it teaches (0.653 for the `none` student)
-    none = synthetic_run["students"]["none"]["metrics"]["click"]["auc"]
-    assert synthetic_run["teacher"]["metrics"]["click"]["auc"] > none + 0.01
+def _gains(report: dict, task: str) -> dict:
+    g = report["distillation"][task]
+    return {"lead": g["teacher_lead_pct"], **g["student_gain_pct"]}
 
 
-def test_aux_distillation_beats_the_baseline(synthetic_run):
+def test_the_teacher_leads_and_aux_distillation_pays(synthetic_run):
     """Same seeds, same stream, same order, same student architecture and initial weights:
-    only the distillation mode differs, so the gap is a property of the seeds, not luck."""
-    students = synthetic_run["students"]
-    aux = students["aux"]["metrics"]["click"]["logloss"]
-    none = students["none"]["metrics"]["click"]["logloss"]
-    # 200k examples, seed 7: aux 0.6018 against none 0.6071 (a gap of 0.0054); about half is asked
-    assert aux < none - 0.003, (aux, none)
-    # the teacher's labels were there for (nearly) every batch
-    join = students["aux"]["join"]
-    assert join["joined"] >= 0.95 * students["aux"]["batches_trained"], join
+    only the distillation mode differs, so the gaps are properties of the seeds, not luck.
+    In memory (bench/distillation.py) the same models give: teacher +4.5% and aux +1.1% over
+    `none` (click log loss), across three partition interleavings."""
+    g = _gains(synthetic_run, "click")
+    assert g["lead"] >= 1.5, g  # the labels, on the batches the students trained
+    teacher = synthetic_run["teacher"]["metrics"]["click"]
+    none = synthetic_run["students"]["none"]["metrics"]["click"]
+    assert teacher["logloss"] < none["logloss"] * 0.985 and teacher["auc"] > none["auc"] + 0.01
+    assert g["aux"] >= 0.75, g
+    join = synthetic_run["students"]["aux"]["join"]
+    assert join["joined"] >= 0.95 * synthetic_run["students"]["aux"]["batches_trained"], join
+    gate = synthetic_run["students"]["aux"]["gate"]["click"]
+    assert gate["enabled"] and gate["soft_weight"] == 2.0 and gate["lead"] > 0.03, gate  # fully open
+
+
+@pytest.fixture(scope="module")
+def movielens_run(tmp_path_factory) -> dict:
+    _done, report = _up(tmp_path_factory.mktemp("ml"), "--source", "movielens")
+    return report
+
+
+def test_movielens_teacher_leads_and_the_gate_keeps_aux_from_harm(movielens_run):
+    """Real ratings, four partitions (the order varies with timing). In memory over three
+    orders: teacher +0.7% to +1.0%, aux -0.1% to +0.1% of `none`'s like log loss."""
+    g = _gains(movielens_run, "like")
+    assert g["lead"] >= 0.5, g
+    assert g["aux"] >= -0.25, g  # never worse beyond the order-to-order spread
+    for name, s in movielens_run["students"].items():
+        assert s["examples_trained"] == 100_000, name
+
+
+def test_a_student_launched_beside_a_trained_teacher_gains_most(tmp_path):
+    """The paper's setting: the teacher has trained on the first half when the students start;
+    they train on the second half. In memory: teacher +7.7%, aux +1.7% to +1.9%."""
+    _done, r = _up(
+        tmp_path, "--source", "synthetic", "--examples", str(EXAMPLES), "--launch-after", "100000",
+        "--config", str(SCENARIO),
+    )  # fmt: skip
+    assert r["launch_after"] == 100_000 and r["examples_produced"] == EXAMPLES
+    assert r["teacher"]["examples_labeled"] == EXAMPLES
+    for name, s in r["students"].items():
+        assert s["examples_trained"] == EXAMPLES - 100_000, name
+        assert s["batches_trained"] == s["unique_batches_trained"] == r["batches_produced"], name
+    g = _gains(r, "click")
+    assert g["lead"] >= 3.0 and g["aux"] >= 1.0, g
+    assert "started after the teacher's first 100,000 examples" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_report_files(synthetic_run, tmp_path_factory):

@@ -69,7 +69,7 @@ def test_one_label_batch_per_example_batch(make_config):
 
 def test_labels_are_out_of_sample(make_config):
     """Each published logit equals a replica's prediction *before* it trained on that batch."""
-    config = make_config(topics={"partitions": 1}, teacher={"max_batches_per_step": 1})
+    config = make_config(topics={"partitions": 1})  # one step labels all six: each after the one before
     produce_synthetic(config, 6 * 128, batch_size=128)
     teacher = _run_teacher(config, 6)
     teacher.close()

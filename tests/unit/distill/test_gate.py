@@ -76,7 +76,12 @@ def _students_behind(teacher_labels, cfg, chunks, mode: str = "aux", soft_weight
     kinds = [t.type for t in cfg.tasks]
     arms = {}
     for name, m, gated in (("none", "none", True), ("gated", mode, True), ("ungated", mode, False)):
-        update = {"mode": m, "soft_weight": soft_weight, "gate": GateConfig(enabled=gated)}
+        update = {
+            "mode": m,
+            "soft_weight": soft_weight,
+            "gate": GateConfig(enabled=gated),
+            "distill_tasks": ["click", "watch"],
+        }
         sc = cfg.students[0].model_copy(update=update)
         learner = Learner.build(cfg, sc.model, Objective.student(cfg, sc), torch.device("cpu"))
         gate = TeacherGate.of(sc, learner.objective.distilled, kinds)

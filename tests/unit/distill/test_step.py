@@ -26,7 +26,14 @@ def config(**over):
         },
         "tasks": [{"name": "click", "type": "binary"}, {"name": "watch", "type": "regression"}],
         "teacher": {"model": {"embedding_dim": 4, "hidden": [8], "cross_layers": 1}},
-        "students": [{"name": "aux", "mode": "aux", "model": {"embedding_dim": 2, "hidden": [4]}}],
+        "students": [
+            {
+                "name": "aux",
+                "mode": "aux",
+                "distill_tasks": ["click", "watch"],
+                "model": {"embedding_dim": 2, "hidden": [4]},
+            }
+        ],
     }
     return load_config(None, environ={}, **(base | over))
 
@@ -137,7 +144,17 @@ def test_a_closed_gate_leaves_the_served_model_as_none_trains_it_while_the_aux_h
 
 
 def test_direct_mode_scales_the_soft_share_by_the_gate():
-    cfg = config(students=[{"name": "d", "mode": "direct", "soft_weight": 0.5, "model": {"embedding_dim": 2}}])
+    cfg = config(
+        students=[
+            {
+                "name": "d",
+                "mode": "direct",
+                "soft_weight": 0.5,
+                "distill_tasks": ["click", "watch"],
+                "model": {"embedding_dim": 2},
+            }
+        ]
+    )
     sc = cfg.student("d")
     closed = Learner.build(cfg, sc.model, Objective.student(cfg, sc), torch.device("cpu"))
     none = Learner.build(cfg, sc.model, Objective.student(cfg, sc, "none"), torch.device("cpu"))
@@ -209,3 +226,21 @@ def test_old_checkpoints_load_with_their_weights_and_a_reset_optimizer(caplog):
         fresh.load_state_dict(learner.model.state_dict())
         make_optimizer(fresh, cfg.teacher.model)
         assert fresh.target_count.item() < 0
+
+
+def test_a_checkpoint_of_a_student_that_distilled_other_tasks_restarts_only_its_aux_head(caplog):
+    """distill_tasks changed (e.g. the default became binary tasks only): the served layers
+    and heads keep their weights; the aux head and the optimizer's moments start again."""
+    cfg = config(students=[{"name": "aux", "mode": "aux", "model": {"embedding_dim": 2, "hidden": [4]}}])
+    sc = cfg.student("aux")
+    assert cfg.distilled_tasks(sc) == [0]  # the default: the binary task only
+    learner = Learner.build(cfg, sc.model, Objective.student(cfg, sc), torch.device("cpu"))
+    _, state = Checkpointer(FIXTURES / "student").load_latest()  # its aux head distilled both
+    with caplog.at_level("WARNING"):
+        learner.model.load_state_dict(state["model"])
+        learner.optimizer.load_state_dict(state["optimizer"])
+    assert "aux head starts again" in caplog.text and "optimizer state reset" in caplog.text
+    torch.testing.assert_close(learner.model.head.weight, state["model"]["head.weight"])
+    assert learner.model.aux_head.weight.shape == (1, 4)
+    scored = learner.step(learner.tensors(batch()), np.zeros((32, 2), dtype=np.float32), 1.0, [1.0])
+    assert scored is not None and scored.stepped and (0, "aux") in scored.losses
