@@ -300,6 +300,10 @@ def ensure_topics(config: Config, admin: AdminClient, seconds: float | None = 60
                     except KafkaException as exc:
                         if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                             raise
+    # Apache Kafka answers CreateTopics before its metadata lists the new topics.
+    deadline = time.monotonic() + 10
+    while not set(wanted) <= set(admin.list_topics(timeout=5.0).topics) and time.monotonic() < deadline:
+        time.sleep(0.05)
     check_partitions(config, admin)
 
 

@@ -55,10 +55,9 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 
-import distill.kafka
 from distill.broker import EmbeddedBroker
 from distill.config import Config, deep_merge, load_config
-from distill.kafka import Clients, ensure_topics, partition_count
+from distill.kafka import Clients, ensure_topics, local_profile, partition_count
 from distill.wire import ExampleBatch
 from tests.kafka import apache
 
@@ -114,29 +113,11 @@ def kafka_flavour() -> str:
 
 
 @pytest.fixture
-def kafka(kafka_flavour: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+def kafka(kafka_flavour: str, request: pytest.FixtureRequest):
     """The broker of this test run: an ``EmbeddedBroker`` or an ``ApacheKafka``."""
     if kafka_flavour != "apache":
         return request.getfixturevalue("broker")
-    monkeypatch.setattr(distill.kafka, "check_partitions", _after_metadata_lists_them(distill.kafka.check_partitions))
     return request.getfixturevalue("apache_broker")
-
-
-def _after_metadata_lists_them(check: Callable[[Config, Any], int]) -> Callable[[Config, Any], int]:
-    """A stopgap for a product race that only Apache Kafka shows: it answers CreateTopics before
-    its metadata lists the new topic, and ``ensure_topics`` checks the partitions at once (about
-    1 creation in 13 fails with "does not exist"). Remove once ``ensure_topics`` waits itself;
-    ``test_ensure_topics_sees_the_topics_it_created`` runs without this."""
-
-    def wait_then_check(config: Config, admin) -> int:
-        t = config.topics
-        names = {t.examples, t.labels, t.checkpoints, t.dlq(t.examples), t.dlq(t.labels)}
-        deadline = time.monotonic() + 5
-        while not names <= set(admin.list_topics(timeout=5).topics) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return check(config, admin)
-
-    return wait_then_check
 
 
 @pytest.fixture
@@ -160,6 +141,8 @@ def make_config(kafka, tmp_path, unique_name) -> Callable[..., Config]:
                 "bootstrap_servers": kafka.bootstrap,
                 "client_id": run,
                 "session_timeout_ms": TEST_SESSION_TIMEOUT_MS,
+                # the settings distill up gives the embedded broker (Apache Kafka needs none)
+                "extra": local_profile({}) if isinstance(kafka, EmbeddedBroker) else {},
             },
             "topics": {
                 "examples": f"examples.{run}",

@@ -72,11 +72,6 @@ def test_ensure_topics_creates_equal_partitions_and_dlqs(make_config):
 
 
 @pytest.mark.apache
-@pytest.mark.xfail(
-    reason="product race: ensure_topics checks partitions before Apache Kafka's metadata lists the topics it "
-    "has just created (fix: wait for them in distill/kafka.py), then drop the stopgap in tests/conftest.py",
-    strict=False,
-)
 def test_ensure_topics_sees_the_topics_it_created(apache_broker, tmp_path):
     for i in range(20):  # about 1 creation in 13 lost the race when measured
         name = f"fresh-{i}-{tmp_path.name}"
