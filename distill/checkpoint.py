@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -20,29 +19,12 @@ from typing import Any
 import torch
 
 from distill.exceptions import CheckpointError
+from distill.files import atomic_write  # also importable from here, as before
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"DISTILLCKPT1"
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class Checkpointer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import time
@@ -368,10 +367,5 @@ def sweep(
     typer.echo(f"winner: {report['winner']}; its teacher model: {report['winner_file']}")
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO)
-    app()
-
-
 if __name__ == "__main__":
-    main()
+    app()

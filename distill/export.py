@@ -6,12 +6,13 @@ replaced atomically). Load the newest with ``distill.export.load_serving_model(m
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 
-from distill.checkpoint import atomic_write
 from distill.config import FeaturesConfig, ModelConfig, TaskConfig
+from distill.files import atomic_write
 from distill.models import RankingModel, ServingModel
 
 
@@ -33,9 +34,9 @@ def export_serving_model(
         "tasks": [t.model_dump(mode="json") for t in tasks],
         "model": model_config.model_dump(mode="json"),
     }
-    tmp = target / ".serving.pt.tmp"
-    torch.save(payload, tmp)
-    tmp.replace(target / "serving.pt")
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(target / "serving.pt", buf.getvalue())
     atomic_write(model_dir / "LATEST", f"{version}\n".encode())
     return target
 

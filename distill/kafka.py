@@ -7,7 +7,6 @@ passed through; passwords never reach a log line (see ``redacted``).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential, wait_random
 
 from distill.config import Config, KafkaConfig
-from distill.exceptions import BrokerError, ConfigError, DeliveryError, TopicMismatchError
+from distill.exceptions import BrokerError, ConfigError, TopicMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -154,28 +153,6 @@ def client_config(kafka: KafkaConfig) -> dict[str, Any]:
 def _log_error(err: KafkaError) -> None:
     # librdkafka reports transient broker trouble here; it retries by itself.
     log.warning("kafka client error: %s", err)
-
-
-class DeliveryTracker:
-    """Counts delivery reports so that a failed produce is surfaced, never silently dropped."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.delivered = 0
-        self.failed: list[str] = []
-
-    def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        with self._lock:
-            if err is not None:
-                self.failed.append(f"{msg.topic()}[{msg.partition()}]: {err.str()}")
-            else:
-                self.delivered += 1
-
-    def raise_failures(self) -> None:
-        with self._lock:
-            failed, self.failed = self.failed, []
-        if failed:
-            raise DeliveryError(f"{len(failed)} messages were not delivered; first: {failed[0]}")
 
 
 class Clients:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distill.checkpoint import atomic_write
+from distill.files import atomic_write
 
 MAX_BYTES = 16 * 1024 * 1024  # about 3.5 hours of a student's lines
 KEEP = 2  # rotated files kept: .1 and .2
@@ -56,13 +56,17 @@ def history(path: Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def _clean(value: Any) -> Any:
+def clean_json(value: Any, digits: int | None = None) -> Any:
+    """``value`` made safe for strict JSON: NaN and infinities become None, dict keys strings,
+    tuples lists; floats are rounded to ``digits`` decimals unless it is None."""
     if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else round(value, 6)
+        if math.isnan(value) or math.isinf(value):
+            return None
+        return value if digits is None else round(value, digits)
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): clean_json(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean_json(v, digits) for v in value]
     return value
 
 
@@ -93,7 +97,7 @@ class ProgressLog:
     def write(self, record: dict[str, Any], examples: int = 0) -> None:
         self._last = time.monotonic()
         self._last_examples = examples
-        line = (json.dumps(_clean({"ts": time.time(), **record})) + "\n").encode()
+        line = (json.dumps(clean_json({"ts": time.time(), **record}, digits=6)) + "\n").encode()
         try:
             size = self.lines.stat().st_size  # a restarted worker appends to its old file
         except FileNotFoundError:
@@ -129,4 +133,4 @@ class ProgressLog:
         os.replace(fresh, self.lines)
 
     def write_summary(self, record: dict[str, Any]) -> None:
-        atomic_write(self.summary, json.dumps(_clean({"ts": time.time(), **record}), indent=2).encode())
+        atomic_write(self.summary, json.dumps(clean_json({"ts": time.time(), **record}, digits=6), indent=2).encode())

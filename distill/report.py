@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distill.progress import _clean, history
+from distill.progress import clean_json, history
 
 
 def _first_binary(report: dict) -> str | None:
@@ -176,7 +176,7 @@ def _plot(report: dict, progress_dir: Path, target: Path) -> None:
 
 def write_report(report: dict[str, Any], directory: Path, progress_dir: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    report = _clean(report)
+    report = clean_json(report, digits=6)
     report["distillation"] = gains(report)
     paths = {"json": directory / "report.json", "md": directory / "report.md", "png": directory / "report.png"}
     paths["json"].write_text(json.dumps(report, indent=2))

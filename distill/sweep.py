@@ -59,6 +59,7 @@ from distill.halving import (
     successive_halving,
 )
 from distill.models import resolve_device
+from distill.progress import clean_json
 from distill.replay import Window, iso_ms, read_window
 from distill.step import Learner, Objective
 from distill.wire import ExampleBatch
@@ -557,16 +558,6 @@ def run_sweep(
 # -- output ----------------------------------------------------------------------------------
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -608,7 +599,7 @@ def write_outputs(report: dict[str, Any], config: Config, out_dir: Path) -> None
         atomic_write(out_dir / "winner-teacher.toml", text.encode())
         report["winner_file"] = str(out_dir / "winner-teacher.toml")
     report["output"] = str(out_dir)
-    atomic_write(out_dir / "sweep.json", json.dumps(_clean(report), indent=2).encode())
+    atomic_write(out_dir / "sweep.json", json.dumps(clean_json(report), indent=2).encode())
 
 
 def _f(value: Any, spec: str = ".4f") -> str:

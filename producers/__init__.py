@@ -4,6 +4,7 @@ Sources (``synthetic``, ``movielens``, ``file``) yield column chunks in stream o
 ``producers.service`` micro-batches them, picks partitions, rate-limits and delivers them.
 """
 
-from producers.sources import SOURCES, Chunk, Source, load_config_for, make_source, preset_overrides
+from producers.source import Chunk, Source
+from producers.sources import SOURCES, load_config_for, make_source, preset_overrides
 
 __all__ = ["SOURCES", "Chunk", "Source", "load_config_for", "make_source", "preset_overrides"]

@@ -24,7 +24,7 @@ import numpy as np
 
 from distill.config import FileSourceConfig
 from distill.exceptions import ConfigError
-from producers.sources import ArraySource
+from producers.source import ArraySource
 
 PARQUET_HINT = "pip install 'pyarrow>=14' (or: pip install 'online-distill[parquet]')"
 SECONDS_BELOW = 100_000_000_000  # 1e11 s is year 5138; 1e11 ms is 1973

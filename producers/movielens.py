@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from distill.exceptions import ConfigError
-from producers.sources import ArraySource
+from producers.source import ArraySource
 
 INSTALL_HINT = "pip install --no-deps recbole==1.2.1"
 DATASET = "ml-100k"

@@ -41,7 +41,8 @@ from distill.service import Service
 from distill.wire import Codec, ExampleBatch
 from producers import position as positions
 from producers import recovery
-from producers.sources import Chunk, Source, check_columns, make_source
+from producers.source import Chunk, Source
+from producers.sources import check_columns, make_source
 from producers.transaction import TXN_TIMEOUT_MS, Sent, Transactions
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from distill.config import SyntheticConfig
-from producers.sources import Chunk, Source
+from producers.source import Chunk, Source
 
 BLOCK = 1024
 NUM_GROUPS = 20

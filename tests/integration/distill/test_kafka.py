@@ -9,9 +9,8 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import NewTopic, OffsetSpec
 
 from distill import metrics as m
-from distill.broker import free_port
 from distill.config import load_config
-from distill.exceptions import DeliveryError, TopicMismatchError
+from distill.exceptions import TopicMismatchError
 from distill.kafka import (
     Clients,
     check_partitions,
@@ -195,40 +194,6 @@ def test_empty_value_message_is_not_lost(config_with_topics, make_consumer, cons
     first, second = consume(make_consumer(config, [config.topics.examples]), 2)
     assert not first and first.value() == b""
     assert second.value() is None and second.key() == b"tombstone"
-
-
-# -- delivery reports --------------------------------------------------------------------------
-def test_delivery_tracker_counts_delivered(config_with_topics):
-    from distill.kafka import DeliveryTracker
-
-    config = config_with_topics
-    tracker = DeliveryTracker()
-    producer = Clients(config.kafka, "test").producer()
-    for i in range(25):
-        producer.produce(config.topics.examples, value=b"m%d" % i, on_delivery=tracker)
-    assert producer.flush(10) == 0
-    assert tracker.delivered == 25
-    assert tracker.failed == []
-    tracker.raise_failures()  # nothing to raise
-
-
-def test_delivery_tracker_surfaces_failures(config):
-    from distill.kafka import DeliveryTracker
-
-    dead = config.model_copy(
-        update={"kafka": config.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"})}
-    )
-    tracker = DeliveryTracker()
-    producer = Clients(dead.kafka, "test").producer(**{"message.timeout.ms": 300})
-    for _ in range(3):
-        producer.produce("nowhere", value=b"x", on_delivery=tracker)
-    producer.flush(10)
-    assert tracker.delivered == 0
-    assert len(tracker.failed) == 3
-    assert tracker.failed[0].startswith("nowhere[")
-    with pytest.raises(DeliveryError, match="3 messages were not delivered; first: nowhere"):
-        tracker.raise_failures()
-    tracker.raise_failures()  # failures are reported once
 
 
 # -- lag ---------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from distill import checkpoint as ckpt_mod
-from distill.checkpoint import MAGIC, Checkpointer, atomic_write
+from distill import files as files_mod
+from distill.checkpoint import MAGIC, Checkpointer
 from distill.exceptions import CheckpointError
+from distill.files import atomic_write
 
 
 def state(i: int) -> dict:
@@ -158,7 +160,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(ckpt_mod.os, "replace", broken_replace)
+    monkeypatch.setattr(files_mod.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk on fire"):
         ck.save(2, state(2))
     monkeypatch.undo()
@@ -183,7 +185,7 @@ def test_atomic_write_replaces_the_file(tmp_path, monkeypatch):
         replaced.append((os.fspath(src), os.fspath(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt_mod.os, "replace", spy)
+    monkeypatch.setattr(files_mod.os, "replace", spy)
     atomic_write(target, b"22\n")
     assert target.read_bytes() == b"22\n"
     assert len(replaced) == 1
@@ -201,8 +203,12 @@ def test_atomic_write_failure_leaves_the_old_content(tmp_path, monkeypatch):
     def broken_fsync(fd):
         raise OSError("io error")
 
-    monkeypatch.setattr(ckpt_mod.os, "fsync", broken_fsync)
+    monkeypatch.setattr(files_mod.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
         atomic_write(target, b"new\n")
     monkeypatch.undo()
     assert target.read_bytes() == b"old\n"
+
+
+def test_atomic_write_is_still_importable_from_checkpoint():
+    assert ckpt_mod.atomic_write is atomic_write

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from distill.progress import ProgressLog
+from distill.progress import ProgressLog, clean_json
 
 
 def test_nan_and_inf_become_null_in_lines_and_summary(tmp_path):
@@ -49,3 +49,10 @@ def test_due_after_every_s(tmp_path):
     assert not log.due()
     log.every_s = 0.0
     assert log.due()
+
+
+def test_clean_json_makes_strict_json_and_rounds_only_when_asked():
+    value = {1: [float("nan"), float("inf"), 0.123456789, (2, True)], "s": "x"}
+    assert clean_json(value) == {"1": [None, None, 0.123456789, [2, True]], "s": "x"}
+    assert clean_json(value, digits=6) == {"1": [None, None, 0.123457, [2, True]], "s": "x"}
+    json.dumps(clean_json(value), allow_nan=False)

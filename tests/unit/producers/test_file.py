@@ -11,7 +11,8 @@ import pytest
 from distill.config import Config, FileSourceConfig, load_config
 from distill.exceptions import ConfigError
 from producers.file import FileSource
-from producers.sources import Chunk, check_columns, make_source
+from producers.source import Chunk
+from producers.sources import check_columns, make_source
 
 CSV = """id,ts,user,country,price,score,clicked,dwell
 10,1700000002,alice,fr,1.5,0.25,1,3.5

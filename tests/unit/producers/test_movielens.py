@@ -12,7 +12,8 @@ import pytest
 
 from distill.exceptions import ConfigError
 from producers import movielens
-from producers.sources import Chunk, check_columns, load_config_for, preset_overrides
+from producers.source import Chunk
+from producers.sources import check_columns, load_config_for, preset_overrides
 
 needs_data = pytest.mark.skipif(
     util.find_spec("recbole") is None,

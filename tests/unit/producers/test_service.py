@@ -8,7 +8,7 @@ import pytest
 from distill.config import Config
 from distill.exceptions import ConfigError
 from producers.service import Pacer, ProducerService, _Buffer, producer_settings, user_partition
-from producers.sources import Chunk
+from producers.source import Chunk
 from producers.synthetic import SyntheticSource
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from distill.config import Config, SyntheticConfig
-from producers.sources import Chunk, check_columns
+from producers.source import Chunk
+from producers.sources import check_columns
 from producers.synthetic import BLOCK, SyntheticSource
 
 
