@@ -318,7 +318,7 @@ class Config(_Strict):
         default_factory=lambda: [
             StudentConfig(name="none", mode="none"),
             StudentConfig(name="direct", mode="direct"),
-            StudentConfig(name="aux", mode="aux", soft_weight=2.0),
+            StudentConfig(name="aux", mode="aux", soft_weight=3.0),
         ]
     )
     producer: ProducerConfig = Field(default_factory=ProducerConfig)

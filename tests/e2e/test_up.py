@@ -66,8 +66,8 @@ def _gains(report: dict, task: str) -> dict:
 def test_the_teacher_leads_and_aux_distillation_pays(synthetic_run):
     """Same seeds, same stream, same order, same student architecture and initial weights:
     only the distillation mode differs, so the gaps are properties of the seeds, not luck.
-    In memory (bench/distillation.py) the same models give: teacher +4.5% and aux +1.1% over
-    `none` (click log loss), across three partition interleavings."""
+    In memory (bench/distillation.py) the same models give: teacher +4.1% to +4.7% and aux
+    +0.9% to +1.3% over `none` (click log loss), across three partition interleavings."""
     g = _gains(synthetic_run, "click")
     assert g["lead"] >= 1.5, g  # the labels, on the batches the students trained
     teacher = synthetic_run["teacher"]["metrics"]["click"]
@@ -77,7 +77,7 @@ def test_the_teacher_leads_and_aux_distillation_pays(synthetic_run):
     join = synthetic_run["students"]["aux"]["join"]
     assert join["joined"] >= 0.95 * synthetic_run["students"]["aux"]["batches_trained"], join
     gate = synthetic_run["students"]["aux"]["gate"]["click"]
-    assert gate["enabled"] and gate["soft_weight"] == 2.0 and gate["lead"] > 0.03, gate  # fully open
+    assert gate["enabled"] and gate["soft_weight"] == 3.0 and gate["lead"] > 0.03, gate  # fully open
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def movielens_run(tmp_path_factory) -> dict:
 
 def test_movielens_teacher_leads_and_the_gate_keeps_aux_from_harm(movielens_run):
     """Real ratings, four partitions (the order varies with timing). In memory over three
-    orders: teacher +0.7% to +1.0%, aux -0.1% to +0.1% of `none`'s like log loss."""
+    orders: teacher +0.7% to +1.0%, aux +0.03% to +0.12% of `none`'s like log loss."""
     g = _gains(movielens_run, "like")
     assert g["lead"] >= 0.5, g
     assert g["aux"] >= -0.25, g  # never worse beyond the order-to-order spread
@@ -98,11 +98,9 @@ def test_movielens_teacher_leads_and_the_gate_keeps_aux_from_harm(movielens_run)
 
 def test_a_student_launched_beside_a_trained_teacher_gains_most(tmp_path):
     """The paper's setting: the teacher has trained on the first half when the students start;
-    they train on the second half. In memory: teacher +7.7%, aux +1.7% to +1.9%."""
-    _done, r = _up(
-        tmp_path, "--source", "synthetic", "--examples", str(EXAMPLES), "--launch-after", "100000",
-        "--config", str(SCENARIO),
-    )  # fmt: skip
+    they train on the second half. In memory, over three partition interleavings: teacher
+    +7.6% to +8.4%, aux +1.4% to +1.9% (bench/distillation.py --launch 0.5)."""
+    _done, r = _up(tmp_path, "--source", "synthetic", "--examples", str(EXAMPLES), "--launch-after", "100000")
     assert r["launch_after"] == 100_000 and r["examples_produced"] == EXAMPLES
     assert r["teacher"]["examples_labeled"] == EXAMPLES
     for name, s in r["students"].items():
