@@ -193,8 +193,12 @@ class TeacherConfig(_Strict):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(**_TEACHER_MODEL))
     device: Device = "auto"
     group_id: str = "teacher"
-    # Several example batches share one forward pass and one transaction.
+    # Up to this many example batches are read per step; each is labelled right after the
+    # teacher trained on the one before, and their labels share one transaction...
     max_batches_per_step: int = Field(default=16, ge=1)
+    # ... which commits once its batches have trained this long (at least one batch), so the
+    # first labels of a group wait at most about this for the rest.
+    max_transaction_seconds: float = Field(default=0.1, gt=0)
     poll_timeout_s: float = Field(default=0.2, gt=0)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics_port: int = Field(default=0, ge=0, le=65535)

@@ -66,6 +66,13 @@ def check_layout(batch: ExampleBatch, config: Config) -> None:
             raise DecodeError("layout_mismatch", f"{what} columns {list(g)} differ from the configured {list(w)}")
 
 
+def _first_offsets(records: list[Message]) -> dict[int, int]:
+    first: dict[int, int] = {}
+    for msg in records:
+        first.setdefault(msg.partition(), msg.offset())
+    return first
+
+
 @dataclass
 class Outbox:
     """One step's output, kept until its transaction commits (and sent again if it aborts)."""
@@ -213,16 +220,28 @@ class TeacherWorker:
         if not records:
             self._idle()
             return True
-        started = time.perf_counter()
         self.service.set_ready(bool(self.assigned), "assigned")
-        outbox = self._label_and_train(records)
-        self.busy_s += time.perf_counter() - started
-        return self._publish(outbox, started)
+        while records:
+            started = time.perf_counter()
+            outbox, records = self._label_and_train(records)
+            self.busy_s += time.perf_counter() - started
+            self._publish(outbox, started)
+            if self.outbox is not None and records:  # aborted: the rest is read again later
+                seek_to(self.consumer, self.config.topics.examples, _first_offsets(records))
+                break
+        return True
 
-    def _label_and_train(self, records: list[Message]) -> Outbox:
-        outbox = Outbox(records)
+    def _label_and_train(self, records: list[Message]) -> tuple[Outbox, list[Message]]:
+        """Label and train batches in offset order until ``max_transaction_seconds`` have gone
+        (at least one batch): the transaction's first labels wait at most about that long."""
+        outbox = Outbox([])
         now_ms = int(time.time() * 1000)
-        for msg in records:
+        started = time.perf_counter()
+        budget = self.config.teacher.max_transaction_seconds
+        for i, msg in enumerate(records):
+            if outbox.records and time.perf_counter() - started >= budget:
+                return outbox, records[i:]
+            outbox.records.append(msg)
             p = msg.partition()
             try:
                 batch = self.codec.decode_examples(msg.value(), msg.headers())
@@ -248,7 +267,7 @@ class TeacherWorker:
             outbox.labels.append((msg, label))
             if not self.null:
                 outbox.scores.append((logits, batch.labels))
-        return outbox
+        return outbox, []
 
     def _score_and_train(self, batch: ExampleBatch) -> np.ndarray:
         if self.null:  # transport benchmark: zero logits, no forward pass, no training

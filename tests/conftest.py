@@ -69,6 +69,18 @@ def _slug(text: str, limit: int = 24) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:limit].strip("-") or "t"
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: the same numbers on any machine whatever its core count, and tiny
+    models train faster so than fighting over a busy machine's cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     """The session's embedded broker. A missing binary fails with the install hint."""

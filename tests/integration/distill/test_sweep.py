@@ -7,7 +7,6 @@ import json
 import time
 
 import pytest
-import torch
 import yaml
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from typer.testing import CliRunner
@@ -37,17 +36,6 @@ model = { hidden = [8], embedding_dim = 2, cross_layers = 0 }
 [[candidates]]
 name = "large"  # the default teacher model, as it is
 """
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: the same numbers on any machine whatever its core count (the order of
-    a multi-threaded reduction changes the last bits, and training amplifies them), and faster
-    for these small models on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _produce(config, examples: int, **overrides) -> dict:

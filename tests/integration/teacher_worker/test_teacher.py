@@ -186,16 +186,18 @@ def test_sigkill_mid_stream_leaves_no_batch_unlabelled(make_config, tmp_path):
             assert time.monotonic() < deadline, "teacher made no progress"
             time.sleep(0.2)
         kill9(proc)
+    progress = config.progress_dir() / "teacher-teacher.jsonl"
+    before = len(progress.read_text().splitlines()) if progress.exists() else 0
     proc = spawn(["teacher", "--config", str(path)], log)
     examples = example_batch_ids(config)
     # Done when every batch has a label and the restarted teacher has replayed its way from
-    # its checkpoint to the end (labels of killed runs are visible before that).
-    progress = config.progress_dir() / "teacher-teacher.jsonl"
+    # its checkpoint to the end (labels of killed runs are visible before that): its own
+    # progress lines, not a killed one's, must say so.
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         labelled = {lb.batch_id for _, _, lb in read_labels(config)}
         lines = progress.read_text().splitlines() if progress.exists() else []
-        trained = json.loads(lines[-1])["examples_trained"] if lines else 0
+        trained = json.loads(lines[-1])["examples_trained"] if len(lines) > before else 0
         if labelled >= set(examples) and trained >= produced["examples"]:
             break
         time.sleep(0.5)

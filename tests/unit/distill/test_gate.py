@@ -96,14 +96,6 @@ def _students_behind(teacher_labels, cfg, chunks, mode: str = "aux", soft_weight
     return {n: ev.metrics[("click", "main")].cumulative()["logloss"] for n, (_, _, ev) in arms.items()}
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_a_poor_teacher_is_gated_out_and_a_good_one_is_not(one_thread):
     """Synthetic stream, one order, fixed seeds: deterministic (the figures below are from a
     run of this test). A deliberately poor teacher hurts an ungated student measurably; behind

@@ -211,15 +211,6 @@ def test_weights_finite_detects_nan_and_inf():
     assert not weights_finite(model)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread than fighting over a busy machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_training_on_a_learnable_signal_lowers_the_loss(one_thread):
     torch.manual_seed(1)
     rng = np.random.default_rng(1)
