@@ -62,6 +62,7 @@ def run() -> list[dict]:
     try:
         for buckets in (20_011, 100_003):
             preset = preset_overrides("synthetic")
+            preset.pop("students")
             for f in preset["features"]["categorical"]:
                 if f["name"] in ("user_id", "item_id"):
                     f["buckets"] = buckets

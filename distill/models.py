@@ -58,9 +58,10 @@ class RankingModel(nn.Module):
         self.task_names = [t.name for t in tasks]
         self.aux_tasks = list(aux_tasks or [])
         self.register_buffer("buckets", torch.tensor([f.buckets for f in features.categorical], dtype=torch.long))
-        sparse = model.table_optimizer == "adagrad"
+        adagrad = model.table_optimizer == "adagrad"
         self.tables = nn.ModuleList(
-            nn.Embedding(f.buckets, model.embedding_dim, sparse=sparse) for f in features.categorical
+            nn.Embedding(f.buckets, model.embedding_dim, sparse=adagrad)
+            for f in features.categorical
         )
         # Running moments of the regression targets (binary columns stay 0 and 1: identity).
         # target_count < 0 freezes them (a checkpoint from before standardisation: raw units).

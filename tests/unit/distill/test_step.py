@@ -87,7 +87,22 @@ def test_a_table_row_absent_from_the_batch_does_not_move():
     moved = ~torch.isclose(table.detach(), before).all(dim=1)
     assert not moved[5], "row 5 was never looked up, yet it moved"
     assert moved.sum() >= 10  # the rows the batches used did move
-    assert table.grad is None or table.grad.is_sparse  # table gradients are sparse
+
+
+def test_tables_get_sparse_gradients_and_only_looked_up_rows_move():
+    cfg = config(
+        features={"categorical": [{"name": "user_id", "buckets": 50_021}, {"name": "item_id", "buckets": 17}],
+                  "dense": ["ctx0", "ctx1"]},
+        teacher={"model": {"embedding_dim": 8, "hidden": [8]}},
+    )  # fmt: skip
+    learner = teacher_learner(cfg)
+    big, small = learner.model.tables
+    assert big.sparse and small.sparse
+    before = big.weight.detach().clone()
+    learner.step(learner.tensors(batch(n=64, seed=1)))
+    assert big.weight.grad.is_sparse
+    moved = ~torch.isclose(big.weight.detach(), before).all(dim=1)
+    assert 0 < moved.sum() <= 64  # only rows the batch looked up
 
 
 def test_dense_adam_moves_every_row_once_momentum_builds():
