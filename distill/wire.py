@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import fastavro
 import numpy as np
@@ -61,6 +62,30 @@ class LabelBatch:
     @property
     def size(self) -> int:
         return int(self.logits.shape[0])
+
+    @classmethod
+    def of(
+        cls,
+        batch: ExampleBatch,
+        message: Any,
+        version: int,
+        watermark: int,
+        task_names: list[str],
+        logits: np.ndarray,
+        produced_at_ms: int,
+    ) -> LabelBatch:
+        """The label of ``batch``, read from ``message`` (its partition and offset)."""
+        return cls(
+            batch_id=batch.batch_id,
+            example_ids_checksum=ids_checksum(batch.example_ids),
+            source_partition=message.partition(),
+            source_offset=message.offset(),
+            teacher_version=version,
+            watermark=watermark,
+            task_names=task_names,
+            logits=np.ascontiguousarray(logits),
+            produced_at_ms=produced_at_ms,
+        )
 
 
 @dataclass

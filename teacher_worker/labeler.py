@@ -19,7 +19,6 @@ import logging
 import time
 from collections import OrderedDict, defaultdict
 
-import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from distill import metrics as m
@@ -46,7 +45,7 @@ from distill.models import RankingModel, batch_tensors, resolve_device
 from distill.progress import ProgressLog
 from distill.service import Service
 from distill.step import predict
-from distill.wire import CheckpointAnnouncement, Codec, ExampleBatch, LabelBatch, ids_checksum
+from distill.wire import CheckpointAnnouncement, Codec, ExampleBatch, LabelBatch
 from teacher_worker.out_of_sample import newest_eligible
 from teacher_worker.worker import check_layout
 
@@ -302,17 +301,7 @@ class Labeler:
             chunk = logits[start : start + batch.size]
             start += batch.size
             p = msg.partition()
-            label = LabelBatch(
-                batch_id=batch.batch_id,
-                example_ids_checksum=ids_checksum(batch.example_ids),
-                source_partition=p,
-                source_offset=msg.offset(),
-                teacher_version=a.version,
-                watermark=a.trained_through(p),
-                task_names=self.task_names,
-                logits=np.ascontiguousarray(chunk),
-                produced_at_ms=now_ms,
-            )
+            label = LabelBatch.of(batch, msg, a.version, a.trained_through(p), self.task_names, chunk, now_ms)
             value, headers = self.codec.encode_labels(label)
             self.producer.produce(
                 self.config.topics.labels, value=value, key=batch.batch_id.encode(), partition=p, headers=headers

@@ -52,7 +52,7 @@ from distill.models import resolve_device, weights_finite
 from distill.progress import ProgressLog
 from distill.service import Service
 from distill.step import Learner, Objective
-from distill.wire import Codec, ExampleBatch, LabelBatch, ids_checksum
+from distill.wire import Codec, ExampleBatch, LabelBatch
 
 log = logging.getLogger(__name__)
 
@@ -253,17 +253,7 @@ class TeacherWorker:
             watermark = self.trained_through.get(p, 0)  # before this batch: it is out-of-sample
             logits = self._score_and_train(batch)
             self.trained_through[p] = msg.offset() + 1
-            label = LabelBatch(
-                batch_id=batch.batch_id,
-                example_ids_checksum=ids_checksum(batch.example_ids),
-                source_partition=p,
-                source_offset=msg.offset(),
-                teacher_version=self.version,
-                watermark=watermark,
-                task_names=self.task_names,
-                logits=logits,
-                produced_at_ms=now_ms,
-            )
+            label = LabelBatch.of(batch, msg, self.version, watermark, self.task_names, logits, now_ms)
             outbox.labels.append((msg, label))
             if not self.null:
                 outbox.scores.append((logits, batch.labels))

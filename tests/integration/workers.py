@@ -31,10 +31,12 @@ def produce_synthetic(config: Config, examples: int, batch_size: int = 256) -> d
     )
 
 
-def read_all(config: Config, topic: str, timeout: float = 10.0, idle: float = 1.5) -> list:
-    """Every committed message of ``topic`` (all partitions), read until quiet for ``idle`` s."""
+def read_all(config: Config, topic: str, timeout: float = 10.0, idle: float = 1.5, committed: bool = True) -> list:
+    """Every committed message of ``topic`` (all partitions), read until quiet for ``idle`` s;
+    ``committed=False``: every message, aborted transactions' too."""
     clients = Clients(config.kafka, "test-reader")
-    consumer = clients.consumer(f"reader-{time.monotonic_ns()}")
+    isolation = {} if committed else {"isolation.level": "read_uncommitted"}
+    consumer = clients.consumer(f"reader-{time.monotonic_ns()}", **isolation)
     n = partition_count(clients.admin(), topic)
     consumer.assign([TopicPartition(topic, p, 0) for p in range(n)])
     out, deadline, last = [], time.monotonic() + timeout, time.monotonic()

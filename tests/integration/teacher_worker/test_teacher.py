@@ -131,24 +131,7 @@ def test_a_zombie_teachers_open_transaction_is_aborted(make_config, kafka_flavou
 
 
 def _read_uncommitted(config, topic: str) -> list:
-    from confluent_kafka import TopicPartition
-
-    from distill.kafka import Clients
-
-    consumer = Clients(config.kafka, "uncommitted").consumer(
-        f"uncommitted-{time.monotonic_ns()}", **{"isolation.level": "read_uncommitted"}
-    )
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    out, last = [], time.monotonic()
-    try:
-        while time.monotonic() - last < 1.5:
-            for msg in consumer.consume(500, 0.2):
-                if msg.error() is None:
-                    out.append(msg)
-                    last = time.monotonic()
-    finally:
-        consumer.close()
-    return out
+    return read_all(config, topic, timeout=30, committed=False)
 
 
 @pytest.mark.both_brokers
