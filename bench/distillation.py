@@ -31,6 +31,7 @@ from distill.models import resolve_device
 from distill.step import Learner, Objective
 from distill.wire import ExampleBatch
 from producers.service import user_partition
+from producers.source import Chunk
 from producers.sources import load_config_for, make_source
 
 
@@ -52,8 +53,6 @@ def stream_batches(
         which = user_partition(chunk.users, parts)
         for p in range(parts):
             rows[p].append(chunk.take(which == p))
-    from producers.sources import Chunk
-
     for p in range(parts):
         whole = Chunk.concat([c for c in rows[p] if len(c)])
         for start in range(0, len(whole), batch_size):
