@@ -20,7 +20,7 @@ from pathlib import Path
 
 from distill.broker import EmbeddedBroker
 from distill.config import load_config
-from distill.wire import Codec, ExampleBatch
+from distill.wire import Codec
 from producers.service import run_producer
 from producers.sources import Chunk
 from producers.synthetic import SyntheticSource
@@ -39,22 +39,7 @@ def encode_rate(source: SyntheticSource, batch_size: int) -> tuple[float, float]
     batches = []
     for seq, lo in enumerate(range(0, len(stream), batch_size)):
         c = stream.take(slice(lo, lo + batch_size))
-        batches.append(
-            ExampleBatch(
-                batch_id=f"bench-{seq}",
-                producer_id="bench",
-                seq=seq,
-                event_time_ms=c.event_time_ms,
-                example_ids=c.example_ids,
-                categorical_names=source.categorical_names,
-                categorical=c.categorical,
-                dense_names=source.dense_names,
-                dense=c.dense,
-                task_names=source.task_names,
-                labels=c.labels,
-                truth=c.truth,
-            )
-        )
+        batches.append(c.to_batch(f"bench-{seq}", "bench", seq, source))
     t = time.perf_counter()
     for b in batches:
         codec.encode_examples(b)

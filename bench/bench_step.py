@@ -25,18 +25,9 @@ ROUNDS = 3
 
 
 def _batches(cfg) -> list:
-    from distill.wire import ExampleBatch
-
-    names = [t.name for t in cfg.tasks]
-    out = []
-    for i, c in enumerate(SyntheticSource(cfg.synthetic).chunks(0, size=256)):
-        if i == BATCHES:
-            break
-        out.append(
-            ExampleBatch(f"b{i}", "bench", i, c.event_time_ms, c.example_ids, cfg.features.categorical_names,
-                         c.categorical, list(cfg.features.dense), c.dense, names, c.labels)
-        )  # fmt: skip
-    return out
+    source = SyntheticSource(cfg.synthetic)
+    chunks = source.chunks(0, size=256)
+    return [next(chunks).to_batch(f"b{i}", "bench", i, source) for i in range(BATCHES)]
 
 
 def _ms_per_step(cfg, role: str, table_optimizer: str, batches: list) -> float:

@@ -57,22 +57,7 @@ def stream_batches(
         whole = Chunk.concat([c for c in rows[p] if len(c)])
         for start in range(0, len(whole), batch_size):
             c = whole.take(slice(start, start + batch_size))
-            out[p].append(
-                ExampleBatch(
-                    batch_id=f"p{p}-{start}",
-                    producer_id="bench",
-                    seq=start,
-                    event_time_ms=c.event_time_ms,
-                    example_ids=c.example_ids,
-                    categorical_names=src.categorical_names,
-                    categorical=c.categorical,
-                    dense_names=src.dense_names,
-                    dense=c.dense,
-                    task_names=src.task_names,
-                    labels=c.labels,
-                    truth=c.truth,
-                )
-            )
+            out[p].append(c.to_batch(f"p{p}-{start}", "bench", start, src))
     return out
 
 

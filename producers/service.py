@@ -38,7 +38,7 @@ from distill.config import Config, ProducerConfig
 from distill.exceptions import ConfigError, DeliveryError
 from distill.kafka import Clients, ensure_topics, partition_count, retrying
 from distill.service import Service
-from distill.wire import Codec, ExampleBatch
+from distill.wire import Codec
 from producers import position as positions
 from producers import recovery
 from producers.source import Chunk, Source
@@ -341,20 +341,7 @@ class ProducerService:
         seq = self.next_seq
         self.next_seq += 1
         pid = self.pcfg.producer_id
-        batch = ExampleBatch(
-            batch_id=f"{pid}-{self.run_token}-{seq}",
-            producer_id=pid,
-            seq=seq,
-            event_time_ms=chunk.event_time_ms,
-            example_ids=chunk.example_ids,
-            categorical_names=self.source.categorical_names,
-            categorical=chunk.categorical,
-            dense_names=self.source.dense_names,
-            dense=chunk.dense,
-            task_names=self.source.task_names,
-            labels=chunk.labels,
-            truth=chunk.truth,
-        )
+        batch = chunk.to_batch(f"{pid}-{self.run_token}-{seq}", pid, seq, self.source)
         try:
             value, headers = self.codec.encode_examples(batch)
         except Exception:

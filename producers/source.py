@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from distill.wire import ExampleBatch
+
 
 @dataclass
 class Chunk:
@@ -32,6 +34,23 @@ class Chunk:
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
+
+    def to_batch(self, batch_id: str, producer_id: str, seq: int, source: Source) -> ExampleBatch:
+        """These examples as one wire batch, with ``source``'s column names."""
+        return ExampleBatch(
+            batch_id=batch_id,
+            producer_id=producer_id,
+            seq=seq,
+            event_time_ms=self.event_time_ms,
+            example_ids=self.example_ids,
+            categorical_names=source.categorical_names,
+            categorical=self.categorical,
+            dense_names=source.dense_names,
+            dense=self.dense,
+            task_names=source.task_names,
+            labels=self.labels,
+            truth=self.truth,
+        )
 
     def take(self, rows: np.ndarray | slice) -> Chunk:
         return Chunk(

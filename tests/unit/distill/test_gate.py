@@ -65,9 +65,7 @@ def _stream(examples: int):
 
 
 def _batch(cfg, i: int, c) -> ExampleBatch:
-    names = [t.name for t in cfg.tasks]
-    return ExampleBatch(f"b{i}", "t", i, c.event_time_ms, c.example_ids, cfg.features.categorical_names,
-                        c.categorical, list(cfg.features.dense), c.dense, names, c.labels)  # fmt: skip
+    return c.to_batch(f"b{i}", "t", i, SyntheticSource(cfg.synthetic))
 
 
 def _students_behind(teacher_labels, cfg, chunks, mode: str = "aux", soft_weight: float = 1.0) -> dict[str, float]:
