@@ -82,13 +82,19 @@ def test_the_teacher_leads_and_aux_distillation_pays(synthetic_run):
 
 @pytest.fixture(scope="module")
 def movielens_run(tmp_path_factory) -> dict:
-    _done, report = _up(tmp_path_factory.mktemp("ml"), "--source", "movielens")
+    # One partition: the same order in every run. With four, the order follows the timing and
+    # the labels' lead moved between 0.47% and 0.75% over three pipeline runs.
+    tmp = tmp_path_factory.mktemp("ml")
+    config = tmp / "one-partition.toml"
+    config.write_text("[topics]\npartitions = 1\n")
+    _done, report = _up(tmp, "--source", "movielens", "--config", str(config))
     return report
 
 
 def test_movielens_teacher_leads_and_the_gate_keeps_aux_from_harm(movielens_run):
-    """Real ratings, four partitions (the order varies with timing). In memory over three
-    orders: teacher +0.7% to +1.0%, aux +0.03% to +0.12% of `none`'s like log loss."""
+    """Real ratings, the MovieLens preset's models. In memory: one partition, teacher +0.93%
+    and aux +0.05%; four partitions over three orders, teacher +0.7% to +1.0%, aux +0.03% to
+    +0.12% of `none`'s like log loss."""
     g = _gains(movielens_run, "like")
     assert g["lead"] >= 0.5, g
     assert g["aux"] >= -0.25, g  # never worse beyond the order-to-order spread
