@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from distill.config import Config
-from distill.wire import Codec, ExampleBatch
+from distill.core.config import Config
+from distill.core.wire import Codec, ExampleBatch
 
 BATCH = 256
 ROUNDS = 7

@@ -55,10 +55,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from distill.broker import EmbeddedBroker, free_port
-from distill.config import Config, load_config
-from distill.kafka import Clients, ensure_topics
-from distill.up import Child
+from distill.core.config import Config, load_config
+from distill.core.kafka import Clients, ensure_topics
+from distill.local.broker import EmbeddedBroker, free_port
+from distill.local.up import Child
 from producers.service import run_producer
 
 PARTITIONS = 4
@@ -298,7 +298,7 @@ def label_delays(rate: float, *overrides: dict[str, Any]) -> tuple[np.ndarray, d
     """The teacher as a process, a producer process at ``rate``, one student in this process."""
     import torch
 
-    from distill import metrics as m
+    from distill.core import metrics as m
     from student_worker.worker import StudentWorker
 
     examples = int(rate * DELAY_SECONDS)

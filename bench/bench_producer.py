@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from distill.broker import EmbeddedBroker
-from distill.config import load_config
-from distill.wire import Codec
+from distill.core.config import load_config
+from distill.core.wire import Codec
+from distill.local.broker import EmbeddedBroker
 from producers.service import run_producer
 from producers.sources import Chunk
 from producers.synthetic import SyntheticSource

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import torch
 
-from distill.config import load_config
-from distill.step import Learner, Objective
-from producers.sources import preset_overrides
+from distill.core.config import load_config
+from distill.core.presets import preset_overrides
+from distill.learn.step import Learner, Objective
 from producers.synthetic import SyntheticSource
 
 BATCHES = 120

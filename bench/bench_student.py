@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from bench.workers import read_batches, stream, timed_steps
-from distill.gate import TeacherGate
-from distill.step import Learner, Objective
+from distill.learn.gate import TeacherGate
+from distill.learn.step import Learner, Objective
 from student_worker.worker import StudentWorker
 from teacher_worker.worker import TeacherWorker
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 from bench.workers import read_batches, stream, timed_steps
-from distill.step import Learner, Objective
+from distill.learn.step import Learner, Objective
 from teacher_worker.worker import TeacherWorker
 
 EXAMPLES = 60_000

@@ -28,7 +28,7 @@ import torch
 
 from bench.bench_pipeline import Run, cpu_seconds
 from bench.workers import stream, timed_steps
-from distill.broker import EmbeddedBroker
+from distill.local.broker import EmbeddedBroker
 from teacher_worker.ranks import Ranks
 from teacher_worker.trainer import Trainer
 from teacher_worker.worker import TeacherWorker

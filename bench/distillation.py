@@ -24,15 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill.config import Config, StudentConfig
-from distill.evaluation import ProgressiveEvaluator
-from distill.gate import TeacherGate
-from distill.models import resolve_device
-from distill.step import Learner, Objective
-from distill.wire import ExampleBatch
+from distill.core.config import Config, StudentConfig
+from distill.core.presets import load_config_for
+from distill.core.wire import ExampleBatch
+from distill.learn.evaluation import ProgressiveEvaluator
+from distill.learn.gate import TeacherGate
+from distill.learn.models import resolve_device
+from distill.learn.step import Learner, Objective
 from producers.service import user_partition
 from producers.source import Chunk
-from producers.sources import load_config_for, make_source
+from producers.sources import make_source
 
 
 def stream_batches(

@@ -8,10 +8,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from distill.broker import EmbeddedBroker
-from distill.config import Config, load_config
-from distill.kafka import Clients, partition_count
-from distill.wire import Codec, ExampleBatch
+from distill.core.config import Config, load_config
+from distill.core.kafka import Clients, partition_count
+from distill.core.wire import Codec, ExampleBatch
+from distill.local.broker import EmbeddedBroker
 from producers.service import run_producer
 
 

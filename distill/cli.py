@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from distill.config import Config, load_config
-from distill.exceptions import ConfigError, DistillError
+from distill.core.config import Config, load_config
+from distill.core.exceptions import ConfigError, DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous knowledge distillation over Kafka.")
 
@@ -41,7 +41,7 @@ def broker(
     log_file: Annotated[Path, typer.Option(help="Where the broker logs.")] = Path("runs/broker.log"),
 ) -> None:
     """Run the embedded Kafka-protocol broker (memory only) until Ctrl-C."""
-    from distill.broker import EmbeddedBroker
+    from distill.local.broker import EmbeddedBroker
 
     # SIGTERM (kill, a process manager) stops like Ctrl-C, so the broker process is stopped too
     # rather than left running in its own session.
@@ -62,7 +62,7 @@ def broker(
 @app.command("topics")
 def topics(config: ConfigOpt = None, bootstrap: BootstrapOpt = None) -> None:
     """Create the examples, labels and dead-letter topics; check the partition counts."""
-    from distill.kafka import Clients, ensure_topics
+    from distill.core.kafka import Clients, ensure_topics
 
     try:
         cfg = _load(config, bootstrap)
@@ -86,7 +86,7 @@ def check_config(config: ConfigOpt = None) -> None:
 
 
 def _configure(role: str, name: str) -> None:
-    from distill.service import configure_logging
+    from distill.core.service import configure_logging
 
     configure_logging(role, name)
 
@@ -192,9 +192,10 @@ def produce(
     one JSON line when it stops."""
     import json
 
-    from distill.progress import ProgressLog
+    from distill.core.presets import load_config_for
+    from distill.core.progress import ProgressLog
     from producers.service import run_producer
-    from producers.sources import SOURCES, load_config_for
+    from producers.sources import SOURCES
 
     if source not in SOURCES:
         _fail(ConfigError(f"unknown source {source!r}; choose one of {list(SOURCES)}"))
@@ -227,7 +228,7 @@ def produce(
 
 def _hold(worker: str, port: int) -> None:
     """Keep the final counters scrapeable (``distill up`` stops the producer with the rest)."""
-    from distill.service import Service
+    from distill.core.service import Service
 
     service = Service("producer", worker, port=port)
     service.install_signal_handlers()
@@ -260,8 +261,8 @@ def up(
     ] = 0,
 ) -> None:
     """Run the whole pipeline locally: broker, producer, teacher, students; then a report."""
-    from distill.up import run_up
-    from producers.sources import load_config_for
+    from distill.core.presets import load_config_for
+    from distill.local.up import run_up
 
     try:
         over = {"state_dir": str(state_dir)} if state_dir else {}
@@ -334,7 +335,9 @@ def sweep(
     """Rank candidate teachers on a retained window of the examples topic (successive halving)."""
     from rich.console import Console
 
-    from distill.sweep import Window, render_table, run_sweep
+    from distill.sweep.render import render_table
+    from distill.sweep.replay import Window
+    from distill.sweep.run import run_sweep
 
     try:
         cfg = _load(config, bootstrap)

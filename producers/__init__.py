@@ -4,7 +4,8 @@ Sources (``synthetic``, ``movielens``, ``file``) yield column chunks in stream o
 ``producers.service`` micro-batches them, picks partitions, rate-limits and delivers them.
 """
 
+from distill.core.presets import load_config_for, preset_overrides
 from producers.source import Chunk, Source
-from producers.sources import SOURCES, load_config_for, make_source, preset_overrides
+from producers.sources import SOURCES, make_source
 
 __all__ = ["SOURCES", "Chunk", "Source", "load_config_for", "make_source", "preset_overrides"]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.config import FileSourceConfig
-from distill.exceptions import ConfigError
+from distill.core.config import FileSourceConfig
+from distill.core.exceptions import ConfigError
 from producers.source import ArraySource
 
 PARQUET_HINT = "pip install 'pyarrow>=14' (or: pip install 'online-distill[parquet]')"

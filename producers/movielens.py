@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.exceptions import ConfigError
+from distill.core.exceptions import ConfigError
 from producers.source import ArraySource
 
 INSTALL_HINT = "pip install --no-deps recbole==1.2.1"

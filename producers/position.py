@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.exceptions import ConfigError
+from distill.core.exceptions import ConfigError
 
 FORMAT_VERSION = 1
 

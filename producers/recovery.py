@@ -32,8 +32,8 @@ import numpy as np
 from confluent_kafka import IsolationLevel, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
-from distill.exceptions import BrokerError, ConfigError
-from distill.kafka import Clients, consume_available, partition_count
+from distill.core.exceptions import BrokerError, ConfigError
+from distill.core.kafka import Clients, consume_available, partition_count
 from producers.position import Position
 
 log = logging.getLogger(__name__)

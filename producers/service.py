@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from distill import metrics as m
-from distill.config import Config, ProducerConfig
-from distill.exceptions import ConfigError, DeliveryError
-from distill.kafka import Clients, ensure_topics, partition_count, retrying
-from distill.service import Service
-from distill.wire import Codec
+from distill.core import metrics as m
+from distill.core.config import Config, ProducerConfig
+from distill.core.exceptions import ConfigError, DeliveryError
+from distill.core.kafka import Clients, ensure_topics, partition_count, retrying
+from distill.core.service import Service
+from distill.core.wire import Codec
 from producers import position as positions
 from producers import recovery
 from producers.source import Chunk, Source

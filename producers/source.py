@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.wire import ExampleBatch
+from distill.core.wire import ExampleBatch
 
 
 @dataclass

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from distill.config import SyntheticConfig
+from distill.core.config import SyntheticConfig
 from producers.source import Chunk, Source
 
 BLOCK = 1024

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaException
 
-from distill.exceptions import BrokerError
-from distill.kafka import fenced, fenced_error, is_retriable, needs_abort
+from distill.core.exceptions import BrokerError
+from distill.core.kafka import fenced, fenced_error, is_retriable, needs_abort
 from producers.position import Position
 from producers.recovery import encode_record
 

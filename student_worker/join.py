@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from distill.wire import ExampleBatch, LabelBatch, ids_checksum
+from distill.core.wire import ExampleBatch, LabelBatch, ids_checksum
 
 _RECENT = 4096  # trained batch ids remembered per partition, to tell late from duplicate
 

@@ -16,18 +16,16 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from distill import metrics as m
-from distill.checkpoint import Checkpointer
-from distill.config import Config
-from distill.dead_letters import DeadLetters
-from distill.evaluation import ProgressiveEvaluator
-from distill.exceptions import DecodeError
-from distill.export import export_serving_model
-from distill.gate import TeacherGate
-from distill.kafka import (
+from distill.core import metrics as m
+from distill.core.checkpoint import Checkpointer
+from distill.core.config import Config
+from distill.core.dead_letters import DeadLetters
+from distill.core.exceptions import DecodeError
+from distill.core.kafka import (
     BrokerProbe,
     Clients,
     check_partitions,
@@ -36,13 +34,16 @@ from distill.kafka import (
     partitions_at,
     without_errors,
 )
-from distill.models import resolve_device, weights_finite
-from distill.progress import ProgressLog
-from distill.service import Service
-from distill.step import Learner, Objective, Scored
-from distill.wire import Codec, ids_checksum
+from distill.core.layout import check_layout
+from distill.core.progress import ProgressLog
+from distill.core.service import Service
+from distill.core.wire import Codec, ids_checksum
+from distill.learn.evaluation import ProgressiveEvaluator
+from distill.learn.export import export_serving_model
+from distill.learn.gate import TeacherGate
+from distill.learn.models import resolve_device, weights_finite
+from distill.learn.step import Learner, Objective, Scored
 from student_worker.join import PartitionJoin, Ready
-from teacher_worker.worker import check_layout
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class StudentWorker:
                 self.features,
                 self.config.tasks,
                 self.sc.model,
-                self.config.model_dir(self.name),
+                Path(self.config.model_dir(self.name)),
                 version,
             )
         except OSError as exc:
@@ -209,7 +210,7 @@ class StudentWorker:
     # -- Kafka ---------------------------------------------------------------------------------
     def start(self) -> None:
         admin = self.clients.admin()
-        from distill.kafka import wait_for_broker
+        from distill.core.kafka import wait_for_broker
 
         wait_for_broker(admin, seconds=None)  # not ready until it answers; no crash loop
         check_partitions(self.config, admin)

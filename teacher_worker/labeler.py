@@ -21,11 +21,11 @@ from collections import OrderedDict, defaultdict
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
-from distill import metrics as m
-from distill.config import Config
-from distill.dead_letters import DeadLetters
-from distill.exceptions import CheckpointError, DecodeError
-from distill.kafka import (
+from distill.core import metrics as m
+from distill.core.config import Config
+from distill.core.dead_letters import DeadLetters
+from distill.core.exceptions import CheckpointError, DecodeError
+from distill.core.kafka import (
     BrokerProbe,
     Clients,
     abort_and_rewind,
@@ -40,14 +40,14 @@ from distill.kafka import (
     seek_to,
     without_errors,
 )
-from distill.model_store import ModelStore
-from distill.models import RankingModel, batch_tensors, resolve_device
-from distill.progress import ProgressLog
-from distill.service import Service
-from distill.step import predict
-from distill.wire import CheckpointAnnouncement, Codec, ExampleBatch, LabelBatch
+from distill.core.layout import check_layout
+from distill.core.model_store import ModelStore
+from distill.core.progress import ProgressLog
+from distill.core.service import Service
+from distill.core.wire import CheckpointAnnouncement, Codec, ExampleBatch, LabelBatch
+from distill.learn.models import RankingModel, batch_tensors, resolve_device
+from distill.learn.step import predict
 from teacher_worker.out_of_sample import newest_eligible
-from teacher_worker.worker import check_layout
 
 log = logging.getLogger(__name__)
 

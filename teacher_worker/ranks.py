@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distill.config import TeacherConfig
-from distill.models import resolve_device
+from distill.core.config import TeacherConfig
+from distill.learn.models import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,11 @@ from collections import deque
 import torch
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
-from distill import metrics as m
-from distill.checkpoint import Checkpointer
-from distill.config import Config
-from distill.evaluation import ProgressiveEvaluator
-from distill.exceptions import CheckpointError, DecodeError
-from distill.kafka import (
+from distill.core import metrics as m
+from distill.core.checkpoint import Checkpointer
+from distill.core.config import Config
+from distill.core.exceptions import CheckpointError, DecodeError
+from distill.core.kafka import (
     BrokerProbe,
     Clients,
     consume_available,
@@ -40,15 +39,16 @@ from distill.kafka import (
     partition_count,
     without_errors,
 )
-from distill.model_store import ModelStore
-from distill.models import weights_finite
-from distill.progress import ProgressLog
-from distill.service import Service, configure_logging
-from distill.step import Learner, Objective
-from distill.wire import CheckpointAnnouncement, Codec, ExampleBatch
+from distill.core.layout import check_layout
+from distill.core.model_store import ModelStore
+from distill.core.progress import ProgressLog
+from distill.core.service import Service, configure_logging
+from distill.core.wire import CheckpointAnnouncement, Codec, ExampleBatch
+from distill.learn.evaluation import ProgressiveEvaluator
+from distill.learn.models import weights_finite
+from distill.learn.step import Learner, Objective
 from teacher_worker.out_of_sample import lead_batches, oldest_needed
 from teacher_worker.ranks import Ranks
-from teacher_worker.worker import check_layout
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The teacher's hot path: per batch score -> train, then publish labels + commit (one transaction).
 
 Every label is out-of-sample: a batch's logits are the scores of the learning step's forward
-pass, from the weights before the step that trains on it (``distill.step``). Each batch is
+pass, from the weights before the step that trains on it (``distill.learn.step``). Each batch is
 labelled by a teacher that has trained on every batch before it, so grouping batches into one
 transaction costs the labels nothing. Each LabelBatch carries the watermark (per partition, the
 example offsets the teacher had trained through) and the teacher's version.
@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import KafkaException, Message
 
-from distill import metrics as m
-from distill.checkpoint import Checkpointer
-from distill.config import Config
-from distill.dead_letters import DeadLetters
-from distill.evaluation import ProgressiveEvaluator
-from distill.exceptions import DecodeError
-from distill.kafka import (
+from distill.core import metrics as m
+from distill.core.checkpoint import Checkpointer
+from distill.core.config import Config
+from distill.core.dead_letters import DeadLetters
+from distill.core.exceptions import DecodeError
+from distill.core.kafka import (
     BrokerProbe,
     Clients,
     consume_available,
@@ -48,22 +47,15 @@ from distill.kafka import (
     seek_to,
     without_errors,
 )
-from distill.models import resolve_device, weights_finite
-from distill.progress import ProgressLog
-from distill.service import Service
-from distill.step import Learner, Objective
-from distill.wire import Codec, ExampleBatch, LabelBatch
+from distill.core.layout import check_layout
+from distill.core.progress import ProgressLog
+from distill.core.service import Service
+from distill.core.wire import Codec, ExampleBatch, LabelBatch
+from distill.learn.evaluation import ProgressiveEvaluator
+from distill.learn.models import resolve_device, weights_finite
+from distill.learn.step import Learner, Objective
 
 log = logging.getLogger(__name__)
-
-
-def check_layout(batch: ExampleBatch, config: Config) -> None:
-    """The batch must carry the configured columns, in order; else it is a dead letter."""
-    want = (config.features.categorical_names, config.features.dense, [t.name for t in config.tasks])
-    got = (batch.categorical_names, batch.dense_names, batch.task_names)
-    for what, w, g in zip(("categorical", "dense", "task"), want, got, strict=False):
-        if list(g) != list(w):
-            raise DecodeError("layout_mismatch", f"{what} columns {list(g)} differ from the configured {list(w)}")
 
 
 def _first_offsets(records: list[Message]) -> dict[int, int]:

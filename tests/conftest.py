@@ -55,10 +55,10 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from distill.broker import EmbeddedBroker
-from distill.config import Config, deep_merge, load_config
-from distill.kafka import Clients, ensure_topics, local_profile, partition_count
-from distill.wire import ExampleBatch
+from distill.core.config import Config, deep_merge, load_config
+from distill.core.kafka import Clients, ensure_topics, local_profile, partition_count
+from distill.core.wire import ExampleBatch
+from distill.local.broker import EmbeddedBroker
 from tests.kafka import apache
 
 # Group joins on the embedded broker take about half of session.timeout.ms: keep it short.

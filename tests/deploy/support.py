@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from distill.config import Config, load_config
+from distill.core.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from distill.metrics import metric_names
+from distill.core.metrics import metric_names
 from tests.deploy.support import GRAFANA, METRIC_RE, PROMETHEUS, RECORDED_RE, load_yaml
 
 # Grafana's variables, replaced by something PromQL accepts to check the expressions' syntax.

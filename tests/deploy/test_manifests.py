@@ -13,9 +13,9 @@ import pytest
 import typer
 
 from distill.cli import app
-from distill.config import Config
-from distill.kafka import client_config
-from distill.service import Service
+from distill.core.config import Config
+from distill.core.kafka import client_config
+from distill.core.service import Service
 from tests.deploy.support import (
     APP_OVERLAYS,
     CONFIG_PATH,
@@ -241,7 +241,7 @@ def test_config_map_is_a_valid_config_for_every_worker(app_overlays, overlay, tm
 
 
 def test_base_config_file_loads_as_is(tmp_path):
-    from distill.config import load_config
+    from distill.core.config import load_config
 
     cfg = load_config(K8S / "base" / "config.toml", environ={})
     assert cfg.kafka.sasl_password is None and cfg.kafka.ssl_key_password is None

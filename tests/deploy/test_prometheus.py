@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from distill.metrics import metric_names
+from distill.core.metrics import metric_names
 from tests.deploy.support import (
     APP_OVERLAYS,
     K8S,
@@ -133,7 +133,7 @@ def test_example_prometheus_config_is_valid(promtool, tmp_path):
 
 def test_label_delay_alert_fires_before_labels_miss_their_batch():
     """DistillLabelDelayHigh must warn before the delay reaches a student's label_wait_s."""
-    from distill.config import load_config
+    from distill.core.config import load_config
 
     (threshold,) = re.findall(r">\s*([0-9.]+)\s*$", alerts()["DistillLabelDelayHigh"]["expr"].strip())
     cfg = load_config(K8S / "base" / "config.toml", environ={})
@@ -141,10 +141,10 @@ def test_label_delay_alert_fires_before_labels_miss_their_batch():
 
 
 def _histogram_bounds() -> dict[str, list[float]]:
-    """Finite bucket bounds of every histogram distill/metrics.py defines, by metric name."""
+    """Finite bucket bounds of every histogram distill/core/metrics.py defines, by metric name."""
     from prometheus_client import Histogram
 
-    from distill import metrics
+    from distill.core import metrics
 
     return {
         m._name: [b for b in m._upper_bounds if b != float("inf")]
@@ -170,5 +170,5 @@ def test_quantile_alerts_can_reach_their_threshold():
         if max(bounds[bucket]) <= threshold:
             unreachable.append(f"{name}: {bucket} buckets end at {max(bounds[bucket])}, the alert is at {threshold}")
     assert checked >= 2
-    # The buckets are distill/metrics.py's: a threshold past the last one can never fire.
+    # The buckets are distill/core/metrics.py's: a threshold past the last one can never fire.
     assert not unreachable, "; ".join(unreachable)

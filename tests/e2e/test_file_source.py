@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.exceptions import ConfigError
+from distill.core.exceptions import ConfigError
 from producers.movielens import find_data_dir
 from tests.e2e.test_up import _gains, _up
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from distill.broker import free_port
-from distill.checkpoint import Checkpointer
-from distill.config import Config
+from distill.core.checkpoint import Checkpointer
+from distill.core.config import Config
+from distill.local.broker import free_port
 from tests.integration.workers import spawn, stop
 
 FORGED = b"forged"  # key prefix of label messages a test injects
@@ -135,8 +135,8 @@ def check_books(config: Config, students: list[str], examples: int, context: str
     """After the workers stopped: every good example batch has exactly one distinct label
     (copies are the same source batch), and each student trained each good batch once, with
     nothing pending. Returns the good batch ids by id -> partition/offset."""
-    from distill.exceptions import DecodeError
-    from distill.wire import Codec
+    from distill.core.exceptions import DecodeError
+    from distill.core.wire import Codec
     from tests.integration.workers import read_all
 
     batches = good_examples(config)
@@ -184,8 +184,8 @@ def check_books(config: Config, students: list[str], examples: int, context: str
 
 def good_examples(config: Config) -> dict[str, tuple[int, int, int]]:
     """batch id -> (partition, offset, size) of every example batch a worker would accept."""
-    from distill.exceptions import DecodeError
-    from distill.wire import Codec
+    from distill.core.exceptions import DecodeError
+    from distill.core.wire import Codec
     from tests.integration.workers import read_all
 
     codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
@@ -200,8 +200,8 @@ def good_examples(config: Config) -> dict[str, tuple[int, int, int]]:
 
 
 def dead_letters(config: Config, topic: str) -> list[dict]:
-    from distill.kafka import Clients, partition_count
-    from distill.wire import Codec
+    from distill.core.kafka import Clients, partition_count
+    from distill.core.wire import Codec
     from tests.integration.workers import read_all
 
     if not partition_count(Clients(config.kafka, "dlq-check").admin(), topic):

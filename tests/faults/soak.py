@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from distill.broker import EmbeddedBroker
-from distill.config import load_config
+from distill.core.config import load_config
+from distill.local.broker import EmbeddedBroker
 from tests.faults.conftest import Worker
 from tests.integration.workers import stop as stop_proc
 

@@ -8,8 +8,8 @@ import time
 
 from confluent_kafka.admin import NewTopic
 
-from distill.broker import free_port
-from distill.kafka import Clients
+from distill.core.kafka import Clients
+from distill.local.broker import free_port
 from tests.faults.conftest import Worker
 from tests.integration.workers import write_config
 

@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 from confluent_kafka import Producer
 
-from distill.wire import SCHEMA_HEADER, Codec, LabelBatch
+from distill.core.wire import SCHEMA_HEADER, Codec, LabelBatch
 from tests.faults.conftest import (
     FAST_STUDENT,
     FORGED,
@@ -42,7 +42,7 @@ class Injector:
                 [self.kcat, "-L", "-b", bootstrap, "-m", "1"], capture_output=True, text=True, timeout=30
             )
             if probe.returncode != 0 and OLD_LIBRDKAFKA in probe.stderr:
-                from tests.integration.distill.test_broker import bundled_librdkafka
+                from tests.integration.distill.local.test_broker import bundled_librdkafka
 
                 lib = bundled_librdkafka()
                 self.env["LD_PRELOAD"] = lib or ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from distill.broker import EmbeddedBroker
+from distill.local.broker import EmbeddedBroker
 from tests.conftest import TEST_SESSION_TIMEOUT_MS
 from tests.faults.conftest import FAST_STUDENT, check_books, summary
 from tests.integration.workers import produce_synthetic, write_config

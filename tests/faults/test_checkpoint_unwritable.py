@@ -17,8 +17,8 @@ import time
 import pytest
 from confluent_kafka import TopicPartition
 
-from distill.checkpoint import Checkpointer
-from distill.kafka import Clients
+from distill.core.checkpoint import Checkpointer
+from distill.core.kafka import Clients
 from tests.faults.conftest import check_books, good_examples
 from tests.integration.workers import produce_synthetic, write_config
 

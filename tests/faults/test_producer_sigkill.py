@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from distill.wire import Codec
+from distill.core.wire import Codec
 from tests.integration.workers import read_all, write_config
 
 EXAMPLES = 60_000

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from distill.broker import EmbeddedBroker, free_port
-from distill.exceptions import BrokerError
-from distill.kafka import Clients, client_config, ensure_topics, redacted, wait_for_broker
+from distill.core.exceptions import BrokerError
+from distill.core.kafka import Clients, client_config, ensure_topics, redacted, wait_for_broker
+from distill.local.broker import EmbeddedBroker, free_port
 from tests.faults.conftest import Worker
 from tests.integration.workers import write_config
 
@@ -147,7 +147,7 @@ def test_tls_through_stunnel(make_config, make_consumer, consume, tmp_path, capl
         ssl = {"bootstrap_servers": bootstrap, "security_protocol": "SSL"}
         _roundtrip(make_config(kafka={**ssl, "ssl_ca_location": str(pki / "ca.pem")}), make_consumer, consume)
 
-        caplog.set_level(logging.WARNING, logger="distill.kafka")
+        caplog.set_level(logging.WARNING, logger="distill.core.kafka")
         wrong = make_config(kafka={**ssl, "ssl_ca_location": str(pki / "other-ca.pem")})
         with pytest.raises(BrokerError, match="broker unreachable"):
             wait_for_broker(Clients(wrong.kafka, "wrong-ca").admin(), seconds=3)
@@ -177,7 +177,7 @@ def test_tls_through_stunnel(make_config, make_consumer, consume, tmp_path, capl
 
 
 def test_sasl_settings_reach_the_client_and_secrets_stay_out_of_output(make_config, tmp_path):
-    from distill.config import load_config
+    from distill.core.config import load_config
 
     env = {
         "DISTILL_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",

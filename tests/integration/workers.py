@@ -13,9 +13,9 @@ from pathlib import Path
 import yaml
 from confluent_kafka import TopicPartition
 
-from distill.config import Config
-from distill.kafka import Clients, partition_count
-from distill.wire import Codec, LabelBatch
+from distill.core.config import Config
+from distill.core.kafka import Clients, partition_count
+from distill.core.wire import Codec, LabelBatch
 from producers.service import run_producer
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from distill.broker import free_port
-from distill.processes import die_with_parent
+from distill.local.broker import free_port
+from distill.local.processes import die_with_parent
 
 POM = Path(__file__).with_name("pom.xml")
 KAFKA_VERSION = re.search(r"<kafka.version>(.+?)</kafka.version>", POM.read_text()).group(1)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from distill.config import Config
-from distill.wire import Codec, ExampleBatch
+from distill.core.config import Config
+from distill.core.wire import Codec, ExampleBatch
 
 
 @dataclass

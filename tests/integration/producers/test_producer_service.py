@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from distill.service import Service
+from distill.core.presets import preset_overrides
+from distill.core.service import Service
 from producers import position
 from producers.service import ProducerService, producer_settings, run_producer
-from producers.sources import Chunk, make_source, preset_overrides
+from producers.sources import Chunk, make_source
 from producers.synthetic import SyntheticSource
 
 QUIET = {"handle_signals": False, "serve_http": False}

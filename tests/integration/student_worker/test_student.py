@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import random
 import time
+from pathlib import Path
 
 import pytest
 
-from distill.kafka import Clients
+from distill.core.kafka import Clients
 from student_worker.worker import StudentWorker
 from teacher_worker.worker import TeacherWorker
 from tests.integration.workers import (
@@ -111,7 +112,7 @@ def test_two_students_with_different_modes_share_one_labels_topic(make_config):
     assert "aux" not in students[1].snapshot()["metrics"]["click"]
     for s in students:
         s.close()
-    exported = config.model_dir("aux")
+    exported = Path(config.model_dir("aux"))
     assert (exported / "LATEST").exists()
 
 
@@ -160,7 +161,7 @@ def test_sigkill_at_random_points_trains_each_batch_exactly_once(make_config, tm
     assert summary["batches_trained"] == total, context
     assert summary["unique_batches_trained"] == total, context
     assert summary["examples_trained"] == produced["examples"], context
-    from distill.checkpoint import Checkpointer
+    from distill.core.checkpoint import Checkpointer
 
     _, state = Checkpointer(config.checkpoint_dir("student", "aux")).load_latest()
     assert sorted(state["trained_batch_ids"]) == sorted(example_batch_ids(config)), context

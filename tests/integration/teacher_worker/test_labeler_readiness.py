@@ -12,7 +12,7 @@ import urllib.request
 
 import torch
 
-from distill.service import Service
+from distill.core.service import Service
 from teacher_worker.labeler import Labeler
 from teacher_worker.ranks import Ranks
 from teacher_worker.trainer import Trainer

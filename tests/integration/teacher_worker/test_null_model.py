@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from confluent_kafka import TopicPartition
 
-from distill.kafka import Clients
+from distill.core.kafka import Clients
 from student_worker.worker import StudentWorker
 from teacher_worker.worker import TeacherWorker
 from tests.integration.workers import example_batch_ids, produce_synthetic, read_labels, run_until

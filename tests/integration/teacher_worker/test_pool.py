@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from distill import metrics as m
-from distill.exceptions import CheckpointError, DecodeError
-from distill.kafka import Clients
-from distill.model_store import ModelStore
-from distill.models import RankingModel, batch_tensors
-from distill.wire import Codec, ids_checksum
+from distill.core import metrics as m
+from distill.core.exceptions import CheckpointError, DecodeError
+from distill.core.kafka import Clients
+from distill.core.model_store import ModelStore
+from distill.core.wire import Codec, ids_checksum
+from distill.learn.models import RankingModel, batch_tensors
 from teacher_worker.labeler import Labeler
 from teacher_worker.ranks import Ranks
 from teacher_worker.trainer import Trainer

@@ -11,9 +11,9 @@ import pytest
 import torch
 from confluent_kafka import KafkaException
 
-from distill.step import predict
-from distill.sweep import SweepTeacher
-from distill.wire import Codec, LabelBatch, ids_checksum
+from distill.core.wire import Codec, LabelBatch, ids_checksum
+from distill.learn.step import predict
+from distill.sweep.arms import SweepTeacher
 from teacher_worker.worker import TeacherWorker
 from tests.integration.workers import (
     example_batch_ids,
@@ -102,7 +102,7 @@ def test_labels_are_out_of_sample(make_config):
 def test_a_zombie_teachers_open_transaction_is_aborted(make_config, kafka_flavour):
     """A teacher that died mid-transaction (a zombie with the same transactional id) is fenced
     by its successor, which aborts the zombie's labels and labels those batches itself."""
-    from distill.kafka import Clients
+    from distill.core.kafka import Clients
 
     config = make_config(topics={"partitions": 1})
     batches = produce_synthetic(config, 4 * 128, batch_size=128)["batches"]
@@ -248,7 +248,7 @@ def test_teacher_learns_better_than_a_small_model(make_config):
     # the small teacher reads the same examples: point it at the big one's topics
     small.topics.examples, small.topics.labels = big.topics.examples, small.topics.labels
     produced = produce_synthetic(big, 60_000)
-    from distill.kafka import Clients, ensure_topics
+    from distill.core.kafka import Clients, ensure_topics
 
     ensure_topics(small, Clients(small.kafka, "t").admin())
     results = {}

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from distill.models import RankingModel
+from distill.learn.models import RankingModel
 from teacher_worker.trainer import weights_digest
 from tests.integration.teacher_worker.test_pool import announcements
 from tests.integration.workers import example_batch_ids, produce_synthetic, write_config

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.config import Config, FileSourceConfig, load_config
-from distill.exceptions import ConfigError
+from distill.core.config import Config, FileSourceConfig, load_config
+from distill.core.exceptions import ConfigError
 from producers.file import FileSource
 from producers.source import Chunk
 from producers.sources import check_columns, make_source

@@ -10,10 +10,11 @@ from importlib import util
 import numpy as np
 import pytest
 
-from distill.exceptions import ConfigError
+from distill.core.exceptions import ConfigError
+from distill.core.presets import load_config_for, preset_overrides
 from producers import movielens
 from producers.source import Chunk
-from producers.sources import check_columns, load_config_for, preset_overrides
+from producers.sources import check_columns
 
 needs_data = pytest.mark.skipif(
     util.find_spec("recbole") is None,

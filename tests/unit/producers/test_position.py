@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from distill.exceptions import ConfigError
+from distill.core.exceptions import ConfigError
 from producers import position
 from producers.position import Delivered, Position
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill.config import Config
-from distill.exceptions import ConfigError
+from distill.core.config import Config
+from distill.core.exceptions import ConfigError
 from producers.service import Pacer, ProducerService, _Buffer, producer_settings, user_partition
 from producers.source import Chunk
 from producers.synthetic import SyntheticSource

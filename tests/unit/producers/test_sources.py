@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from distill.config import Config
-from distill.exceptions import ConfigError
-from producers.sources import SOURCES, load_config_for, make_source, preset_overrides
+from distill.core.config import Config
+from distill.core.exceptions import ConfigError
+from distill.core.presets import load_config_for, preset_overrides
+from producers.sources import SOURCES, make_source
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill.config import Config, SyntheticConfig
+from distill.core.config import Config, SyntheticConfig
 from producers.source import Chunk
 from producers.sources import check_columns
 from producers.synthetic import BLOCK, SyntheticSource

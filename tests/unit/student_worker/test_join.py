@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill.wire import ExampleBatch, LabelBatch, ids_checksum
+from distill.core.wire import ExampleBatch, LabelBatch, ids_checksum
 from student_worker.join import PartitionJoin
 
 WAIT = 5.0

@@ -1,0 +1,1 @@
+"""Models and how they learn: the one learning step, losses, evaluation, the gate, export."""

@@ -1,0 +1,1 @@
+"""Running the whole pipeline on one machine: the embedded broker, `distill up`, its report."""

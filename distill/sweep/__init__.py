@@ -1,0 +1,1 @@
+"""The offline teacher sweep: replay a window, race candidates by successive halving."""
