@@ -134,8 +134,13 @@ def _distillation(report: dict, baseline: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _plot(report: dict, progress_dir: Path, target: Path) -> None:
-    import matplotlib
+def _plot(report: dict, progress_dir: Path, target: Path) -> bool:
+    """Draw report.png; False without matplotlib, an optional dependency (the extra "report"),
+    which the worker images do not carry."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -172,6 +177,7 @@ def _plot(report: dict, progress_dir: Path, target: Path) -> None:
     fig.tight_layout()
     fig.savefig(target, dpi=110)
     plt.close(fig)
+    return True
 
 
 def write_report(report: dict[str, Any], directory: Path, progress_dir: Path) -> dict[str, Path]:
@@ -181,5 +187,6 @@ def write_report(report: dict[str, Any], directory: Path, progress_dir: Path) ->
     paths = {"json": directory / "report.json", "md": directory / "report.md", "png": directory / "report.png"}
     paths["json"].write_text(json.dumps(report, indent=2))
     paths["md"].write_text(_markdown(report))
-    _plot(report, progress_dir, paths["png"])
+    if not _plot(report, progress_dir, paths["png"]):
+        del paths["png"]
     return paths

@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 from confluent_kafka import TopicPartition
 
-from distill.core.config import Config
-from distill.core.kafka import Clients, ensure_topics, local_profile
+from distill.core.config import ENV_PREFIX, Config
+from distill.core.kafka import Clients, ensure_topics, local_profile, redacted
 from distill.local.broker import EmbeddedBroker, free_port
 from distill.local.processes import die_with_parent
 
@@ -83,6 +83,35 @@ class Child:
             return "(no log)"
 
 
+# The [kafka] fields that hold secrets.
+SECRET_FIELDS = ("sasl_password", "ssl_key_password")
+
+
+def is_secret_extra(key: str) -> bool:
+    """A librdkafka property of kafka.extra whose value is a secret: what ``redacted`` masks in
+    log lines (passwords, client secrets, the OAUTHBEARER config), and an inline private key."""
+    return redacted({key: ""})[key] != "" or key == "ssl.key.pem"
+
+
+def write_child_config(config: Config, path: Path) -> dict[str, str]:
+    """Write the children's config to ``path`` without its secrets, and return the environment
+    variables that carry them to the children (a file under state_dir outlives the run and is
+    easily copied or shared; a child's environment is readable by its user only)."""
+    data = config.model_dump(mode="json")
+    kafka = data["kafka"]
+    env = {}
+    for name in SECRET_FIELDS:
+        value = kafka.pop(name)
+        if value is not None:
+            env[f"{ENV_PREFIX}KAFKA__{name.upper()}"] = value
+    secret_extra = {k: kafka["extra"].pop(k) for k in list(kafka["extra"]) if is_secret_extra(k)}
+    if secret_extra:
+        # A JSON table, merged over the file's kafka.extra by load_config.
+        env[f"{ENV_PREFIX}KAFKA__EXTRA"] = json.dumps(secret_extra)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return env
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -137,6 +166,7 @@ class Pipeline:
         self._prom_targets: set[str] = set()
         self._prom_up: set[str] = set()  # scrape URLs seen up at least once
         self.stop_requested = False
+        self.secret_env: dict[str, str] = {}
 
     # -- set-up --------------------------------------------------------------------------------
     def _prepare(self) -> Path:
@@ -153,7 +183,7 @@ class Pipeline:
             self.config.kafka.extra = local_profile(self.config.kafka.extra)
         self.config.kafka.bootstrap_servers = self.bootstrap
         config_path = state / "config.yaml"
-        config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        self.secret_env = write_child_config(self.config, config_path)
         ensure_topics(self.config, Clients(self.config.kafka, "up").admin(), seconds=30)
         return config_path
 
@@ -318,6 +348,7 @@ class Pipeline:
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", "1")  # several torch processes share the cores
             env.pop("DISTILL_CONFIG", None)
+            env.update(self.secret_env)  # the secrets that config.yaml leaves out
             if self.want_prometheus:
                 self._start_prometheus()
             # Teacher first, then students, then the producer, each once ready: students that
@@ -358,7 +389,10 @@ class Pipeline:
         from distill.local.report import write_report
 
         paths = write_report(report, self.report_dir, self.config.progress_dir())
-        print(f"report: {paths['md']} ({paths['json']}, {paths['png']})")
+        if "png" in paths:
+            print(f"report: {paths['md']} ({paths['json']}, {paths['png']})")
+        else:
+            print(f"report: {paths['md']} ({paths['json']}; no report.png: pip install 'online-distill[report]')")
         bad = [c for c in self.children if c.exit_code not in (0,)]
         if failed is not None or bad:
             for c in bad:
