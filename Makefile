@@ -8,6 +8,8 @@ KAFKA_POM := tests/kafka/pom.xml
 KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' $(KAFKA_POM))
 KAFKA_JARS ?= $(HOME)/.cache/online-distill/kafka-$(KAFKA_VERSION)
 export KAFKA_JARS
+# Where torch comes from: empty for PyPI (the CUDA build), or a PyTorch wheel index.
+TORCH_INDEX_URL ?=
 
 .PHONY: install demo test bench lint soak clean kafka-jars
 
@@ -15,8 +17,9 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned first: a range would let pip pick another build. PyPI's 2.13.0 wheel for
-	# Linux is the CUDA build; it runs on the CPU when no GPU is there.
-	$(BIN)/pip install -q torch==2.13.0
+	# Linux is the CUDA build (GBs; it runs on the CPU when no GPU is there); TORCH_INDEX_URL
+	# picks another index, e.g. https://download.pytorch.org/whl/cpu for the CPU build.
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	# MovieLens-100k ships inside recbole; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps recbole==1.2.1
 	$(BIN)/pip install -q -e '.[dev,broker]'
