@@ -161,7 +161,9 @@ def student(
 
 @app.command()
 def produce(
-    source: Annotated[str, typer.Argument(help="synthetic, movielens or file.")],
+    source: Annotated[
+        str, typer.Argument(help="synthetic, movielens or file (replays), or events (the [events] topic).")
+    ],
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     examples: Annotated[
@@ -197,9 +199,16 @@ def produce(
     from producers.service import run_producer
     from producers.sources import SOURCES
 
-    if source not in SOURCES:
-        _fail(ConfigError(f"unknown source {source!r}; choose one of {list(SOURCES)}"))
+    if source != "events" and source not in SOURCES:
+        _fail(ConfigError(f"unknown source {source!r}; choose one of {[*SOURCES, 'events']}"))
     overrides = {"kafka": {"bootstrap_servers": bootstrap}} if bootstrap else {}
+    if source == "events":
+        replay_only = {"--examples": examples, "--rate": rate, "--speedup": speedup, "--position-file": position_file}
+        given = [k for k, v in replay_only.items() if v is not None]
+        if given or data_dir is not None or hold:
+            _fail(ConfigError(f"{given or ['--data-dir/--hold']} apply to replays, not to the events source"))
+        _produce_events(config, overrides, batch_size, linger_ms, partitioner, producer_id, metrics_port)
+        return
     try:
         cfg = load_config_for(source, config, **overrides) if preset else load_config(config, **overrides)
         _configure("producer", producer_id or cfg.producer.producer_id)
@@ -224,6 +233,30 @@ def produce(
     if hold and result["stopped"] != "signal":
         port = metrics_port if metrics_port is not None else cfg.producer.metrics_port
         _hold(result["producer_id"], port)
+
+
+def _produce_events(config, overrides, batch_size, linger_ms, partitioner, producer_id, metrics_port) -> None:
+    """``distill produce events``: the [events] topic into the examples topic until SIGTERM."""
+    import json
+
+    from distill.core.progress import ProgressLog
+    from producers.events import run_events
+
+    try:
+        cfg = load_config(config, **overrides)
+        _configure("producer", producer_id or cfg.producer.producer_id)
+        result = run_events(
+            cfg,
+            batch_size=batch_size,
+            linger_ms=linger_ms,
+            partitioner=partitioner,
+            producer_id=producer_id,
+            metrics_port=metrics_port,
+        )
+    except DistillError as exc:
+        _fail(exc)
+    ProgressLog(cfg.progress_dir(), "producer", result["producer_id"]).write_summary(result)
+    typer.echo(json.dumps(result))
 
 
 def _hold(worker: str, port: int) -> None:

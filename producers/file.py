@@ -30,13 +30,15 @@ PARQUET_HINT = "pip install 'pyarrow>=14' (or: pip install 'online-distill[parqu
 SECONDS_BELOW = 100_000_000_000  # 1e11 s is year 5138; 1e11 ms is 1973
 
 
+def text_id(text: str) -> int:
+    """The stable int64 id of a text value (the events source maps text the same way)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
 def _hash_text(values: np.ndarray) -> np.ndarray:
     """Stable int64 ids for text: hash each distinct value once."""
     uniq, inverse = np.unique(values.astype(str), return_inverse=True)
-    hashed = np.array(
-        [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") & (2**63 - 1) for v in uniq],
-        dtype=np.int64,
-    )
+    hashed = np.array([text_id(v) for v in uniq], dtype=np.int64)
     return hashed[inverse.reshape(-1)]
 
 

@@ -24,7 +24,6 @@ from confluent_kafka import KafkaException
 
 from distill.core.exceptions import BrokerError
 from distill.core.kafka import fenced, fenced_error, is_retriable, needs_abort
-from producers.position import Position
 from producers.recovery import encode_record
 
 log = logging.getLogger(__name__)
@@ -49,6 +48,7 @@ class Sent:
     positions: np.ndarray
     newest_ms: int
     offset: int = -1  # set by its delivery report
+    topic: str | None = None  # None: the examples topic; the events source's dead letters set it
 
 
 class Transactions:
@@ -61,12 +61,21 @@ class Transactions:
         transactional_id: str,
         send: Callable[[Sent], None],
         heartbeat: Callable[[], None],
+        *,
+        max_s: float = TXN_MAX_S,
+        encode: Callable[[Any], tuple[bytes, bytes]] = encode_record,
+        before_commit: Callable[[], None] | None = None,
     ):
         self.producer = producer
         self.positions_topic = positions_topic
         self.transactional_id = transactional_id
         self.send = send  # produces one Sent (back-pressure and delivery reports are the service's)
         self.heartbeat = heartbeat
+        self.max_s = max_s
+        self.encode = encode  # the position record's (key, value)
+        # Called after the position record, before the commit (the events source sends its
+        # input offsets to the transaction here).
+        self.before_commit = before_commit
         self.batches: list[Sent] = []
         self.opened_at = 0.0
         self.commits = 0
@@ -80,22 +89,24 @@ class Transactions:
         self.send(sent)
 
     def due(self, now: float) -> bool:
-        return bool(self.batches) and (len(self.batches) >= TXN_MAX_BATCHES or now - self.opened_at >= TXN_MAX_S)
+        return bool(self.batches) and (len(self.batches) >= TXN_MAX_BATCHES or now - self.opened_at >= self.max_s)
 
     def deadline(self) -> float | None:
-        return self.opened_at + TXN_MAX_S if self.batches else None
+        return self.opened_at + self.max_s if self.batches else None
 
     def commit(
-        self, next_position: Callable[[list[Sent]], Position], flush: Callable[[], None]
-    ) -> tuple[Position, list[Sent]]:
+        self, next_position: Callable[[list[Sent]], Any], flush: Callable[[], None]
+    ) -> tuple[Any, list[Sent]]:
         """Flush (every batch acknowledged, offsets known), produce the position record, commit.
         Returns the committed position and batches. ``flush`` raises when a batch failed."""
         for attempt in range(MAX_ABORTS + 1):
             flush()
             pos = next_position(self.batches)
-            key, value = encode_record(pos)
+            key, value = self.encode(pos)
             try:
                 self.producer.produce(self.positions_topic, key=key, value=value, partition=0)
+                if self.before_commit is not None:
+                    self.before_commit()
                 self._commit_retrying()
                 done, self.batches = self.batches, []
                 self.commits += 1

@@ -301,16 +301,54 @@ class SyntheticConfig(_Strict):
     examples: int = Field(default=200_000, ge=1)
 
 
-class FileSourceConfig(_Strict):
-    path: Path | None = None
-    format: Literal["auto", "csv", "parquet"] = "auto"
+class ColumnMapping(_Strict):
+    """Which column (file) or field (event) of a source feeds each part of an example. The
+    file source and the events source share it, and map values by the same rules."""
+
     example_id: str | None = None
     event_time: str | None = None
     user: str | None = None
     categorical: list[str] = Field(default_factory=list)
     dense: list[str] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)  # task name -> column
+
+
+class FileSourceConfig(ColumnMapping):
+    path: Path | None = None
+    format: Literal["auto", "csv", "parquet"] = "auto"
     sort_by_time: bool = True
+
+
+class SchemaRegistryConfig(_Strict):
+    """A Confluent-compatible Schema Registry (Confluent's, Apicurio's /apis/ccompat/v7, ...)."""
+
+    url: str | None = None
+    # "user:password" for HTTP basic auth; never logged or written.
+    basic_auth_user_info: str | None = Field(default=None, repr=False)
+    ssl_ca_location: str | None = None
+    # The schema (.avsc) events are read into: Avro schema resolution fills fields that older
+    # writers lack with their defaults. None: each event as its writer schema has it.
+    reader_schema: Path | None = None
+
+
+class EventsConfig(ColumnMapping):
+    """``distill produce events``: a topic of per-event records in, example batches out."""
+
+    topic: str = "events"
+    format: Literal["json", "avro"] = "json"
+    group_id: str = "events"
+    schema_registry: SchemaRegistryConfig = Field(default_factory=SchemaRegistryConfig)
+    # Events read per loop step at most (the loop also stops reading while batches wait for
+    # acknowledgements: producer.max_in_flight_batches).
+    max_poll_records: int = Field(default=5000, ge=1)
+
+    @model_validator(mode="after")
+    def _registry_for_avro(self) -> EventsConfig:
+        if self.format == "avro" and not self.schema_registry.url:
+            raise ValueError(
+                "events.format avro needs events.schema_registry.url (a Confluent-compatible Schema Registry)"
+            )
+        return self
 
 
 class BrokerConfig(_Strict):
@@ -344,6 +382,7 @@ class Config(_Strict):
     producer: ProducerConfig = Field(default_factory=ProducerConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     file: FileSourceConfig = Field(default_factory=FileSourceConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
 
     @model_validator(mode="after")

@@ -206,3 +206,10 @@ class Throughput:
 TEACHER_ASSIGNED_PARTITIONS = Gauge(
     "distill_teacher_assigned_partitions", "Partitions of the examples topic this labeler owns", ["teacher"]
 )
+
+# -- the events source (distill produce events) -------------------------------------------------
+EVENTS_CONSUMED = Counter("distill_events_consumed_total", "Events read from the events topic", ["producer"])
+EVENTS_REJECTED = Counter(
+    "distill_events_rejected_total", "Events sent to the events topic's DLQ, by reason", ["producer", "reason"]
+)
+EVENTS_BUFFERED = Gauge("distill_events_buffered", "Events mapped and waiting for their batch", ["producer"])
