@@ -155,6 +155,44 @@ def _log_error(err: KafkaError) -> None:
     log.warning("kafka client error: %s", err)
 
 
+class _ErrorWatch:
+    """An admin client's error_cb: logs like the others and keeps the first SASL
+    authentication failure, which retrying cannot cure (wait_for_broker turns it into a
+    ConfigError)."""
+
+    def __init__(self) -> None:
+        self.authentication: KafkaError | None = None
+
+    def __call__(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._AUTHENTICATION and self.authentication is None:  # noqa: SLF001 (public)
+            self.authentication = err
+        _log_error(err)
+
+
+class _Admin(AdminClient):
+    """An admin client that remembers a SASL authentication failure (for wait_for_broker)."""
+
+    def __init__(self, conf: dict[str, Any], kafka: KafkaConfig):
+        self.errors = _ErrorWatch()
+        self.kafka = kafka
+        super().__init__(conf | {"error_cb": self.errors})
+
+
+def authentication_error(admin: AdminClient) -> ConfigError | None:
+    """The ConfigError for a SASL authentication failure the admin client has seen, or None."""
+    if not isinstance(admin, _Admin):
+        return None
+    admin.poll(0)  # serves error_cb
+    err = admin.errors.authentication
+    if err is None:
+        return None
+    user = f" as {admin.kafka.sasl_username!r}" if admin.kafka.sasl_username else ""
+    return ConfigError(
+        f"the broker refused to authenticate{user}: {err.str()}. Check kafka.sasl_username, kafka.sasl_password "
+        "(DISTILL_KAFKA__SASL_PASSWORD) and kafka.sasl_mechanism; retrying would not help."
+    )
+
+
 class Clients:
     """Factory of producers, consumers and admin clients for one worker."""
 
@@ -209,7 +247,7 @@ class Clients:
         return Consumer(self.consumer_config(group_id, **overrides))
 
     def admin(self) -> AdminClient:
-        return AdminClient(self.base)
+        return _Admin(self.base, self.kafka)
 
 
 def retrying(what: str, seconds: float | None = 60.0) -> Retrying:
@@ -227,11 +265,15 @@ def retrying(what: str, seconds: float | None = 60.0) -> Retrying:
 
 
 def wait_for_broker(admin: AdminClient, seconds: float | None = 60.0) -> None:
+    """Retries an unreachable broker; wrong SASL credentials are a ConfigError at once."""
     for attempt in retrying("connecting to the broker", seconds):
         with attempt:
             try:
                 admin.list_topics(timeout=2.0)
             except KafkaException as exc:
+                refused = authentication_error(admin)
+                if refused is not None:
+                    raise refused from None
                 raise BrokerError(f"broker unreachable: {exc}") from None
 
 
@@ -271,17 +313,28 @@ def ensure_topics(config: Config, admin: AdminClient, seconds: float | None = 60
                 if name not in existing
             ]
             if missing:
-                for future in admin.create_topics(missing, operation_timeout=10).values():
+                for name, future in admin.create_topics(missing, operation_timeout=10).items():
                     try:
                         future.result()
                     except KafkaException as exc:
-                        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        code = exc.args[0].code()
+                        if code in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED):
+                            raise _not_authorized(config, name) from None
+                        if code != KafkaError.TOPIC_ALREADY_EXISTS:
                             raise
     # Apache Kafka answers CreateTopics before its metadata lists the new topics.
     deadline = time.monotonic() + 10
     while not set(wanted) <= set(admin.list_topics(timeout=5.0).topics) and time.monotonic() < deadline:
         time.sleep(0.05)
     check_partitions(config, admin)
+
+
+def _not_authorized(config: Config, topic: str) -> ConfigError:
+    user = f"user {config.kafka.sasl_username!r}" if config.kafka.sasl_username else "this client"
+    return ConfigError(
+        f"topic {topic!r} is not visible to {user}, which may not create it either: create the topic "
+        "(`distill topics`, or a KafkaTopic) and grant the user Describe on it (an ACL)."
+    )
 
 
 def check_partitions(config: Config, admin: AdminClient) -> int:

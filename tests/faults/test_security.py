@@ -1,5 +1,6 @@
 """Security against the embedded broker: TLS (and mutual TLS) through stunnel in front of it,
-since tansu has no working TLS of its own; SASL settings reach the client config, and no
+since tansu has no working TLS of its own (Apache Kafka's own TLS, SCRAM and ACLs:
+test_apache_security.py); SASL settings reach the client config, and no
 secret reaches a log line, /metrics, an error message or ``distill check-config``."""
 
 from __future__ import annotations
@@ -19,74 +20,13 @@ from distill.core.kafka import Clients, client_config, ensure_topics, redacted, 
 from distill.local.broker import EmbeddedBroker, free_port
 from tests.faults.conftest import Worker
 from tests.integration.workers import write_config
+from tests.kafka.pki import OPENSSL, make_pki
 
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
-OPENSSL = shutil.which("openssl")
 needs_tls = pytest.mark.skipif(
     not (STUNNEL and OPENSSL), reason="needs stunnel4 and openssl (apt-get install stunnel4)"
 )
 SENTINEL = "s3ntinel-Pa55w0rd-do-not-log"
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    done = subprocess.run([OPENSSL, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-
-
-def make_pki(d: Path) -> Path:
-    """ca (signs server and client), other-ca (signs nothing we serve)."""
-    d.mkdir(exist_ok=True)
-    for ca in ("ca", "other-ca"):
-        _openssl(
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN=test {ca}",
-            "-keyout",
-            f"{ca}.key",
-            "-out",
-            f"{ca}.pem",
-            cwd=d,
-        )
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for who in ("server", "client"):
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            f"/CN={who}",
-            "-keyout",
-            f"{who}.key",
-            "-out",
-            f"{who}.csr",
-            cwd=d,
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{who}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            f"{who}.pem",
-            cwd=d,
-        )
-    return d
 
 
 @contextlib.contextmanager

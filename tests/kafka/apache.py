@@ -6,6 +6,12 @@ nodes with a static controller quorum. Every listener is on a free loopback port
 log dir is a temporary folder. ``start()`` returns once metadata lists every broker;
 ``stop()`` sends SIGTERM, then kills.
 
+``ApacheKafka(security=Security(...))`` adds a client listener with SCRAM-SHA-512 users
+(created when the storage is formatted), TLS from a test CA (``tests/kafka/pki.py``) and ACLs
+(Kafka's StandardAuthorizer): ``secure_bootstrap``. The plaintext listener (``bootstrap``)
+stays for the brokers, the controllers and the tests' own set-up: its anonymous principal is a
+super user, like the cluster operator's own access in production.
+
     python -m tests.kafka.apache [--brokers 3]   # start one by hand; Ctrl-C stops it
 """
 
@@ -20,6 +26,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -44,6 +51,19 @@ rootLogger.appenderRef.out.ref = out
 logger.statechange.name = state.change.logger
 logger.statechange.level = WARN
 """
+
+
+@dataclass(frozen=True)
+class Security:
+    """What the secure client listener asks of a client."""
+
+    users: dict[str, str] = field(default_factory=dict)  # SCRAM-SHA-512 user -> password
+    pki: Path | None = None  # a make_pki() folder: TLS (SASL_SSL) with its server.p12, else SASL_PLAINTEXT
+    acls: bool = True  # authorize every request of the secure listener by ACLs
+
+    @property
+    def protocol(self) -> str:
+        return "SASL_SSL" if self.pki else "SASL_PLAINTEXT"
 
 
 def jar_dir() -> Path:
@@ -77,9 +97,13 @@ class ApacheKafka:
 
     flavour = "apache"
 
-    def __init__(self, brokers: int = 1, root: Path | str | None = None, partitions: int = 1):
+    def __init__(
+        self, brokers: int = 1, root: Path | str | None = None, partitions: int = 1, security: Security | None = None
+    ):
         self.brokers = brokers
         self.partitions = partitions
+        self.security = security
+        self.secure_ports = [free_port(HOST) for _ in range(brokers)] if security else []
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="apache-kafka-"))
         self.ports = [free_port(HOST) for _ in range(brokers)]
@@ -90,6 +114,44 @@ class ApacheKafka:
     @property
     def bootstrap(self) -> str:
         return ",".join(f"{HOST}:{p}" for p in self.ports)
+
+    @property
+    def secure_bootstrap(self) -> str:
+        """The SCRAM (and TLS) listener's addresses; only with ``security``."""
+        assert self.security, "ApacheKafka(security=Security(...)) has a secure listener"
+        return ",".join(f"{HOST}:{p}" for p in self.secure_ports)
+
+    def _security_properties(self, node: int) -> dict:
+        sec = self.security
+        if sec is None:
+            return {}
+        props: dict = {
+            "listeners": f"PLAINTEXT://{HOST}:{self.ports[node]},SECURE://{HOST}:{self.secure_ports[node]},"
+            f"CONTROLLER://{HOST}:{self.controller_ports[node]}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{self.ports[node]},SECURE://{HOST}:{self.secure_ports[node]}",
+            "listener.security.protocol.map": f"PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SECURE:{sec.protocol}",
+            "listener.name.secure.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.secure.scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+        }
+        if sec.pki:
+            from tests.kafka.pki import KEYSTORE_PASSWORD
+
+            props |= {
+                "listener.name.secure.ssl.keystore.type": "PKCS12",
+                "listener.name.secure.ssl.keystore.location": sec.pki / "server.p12",
+                "listener.name.secure.ssl.keystore.password": KEYSTORE_PASSWORD,
+                "listener.name.secure.ssl.key.password": KEYSTORE_PASSWORD,
+            }
+        if sec.acls:
+            props |= {
+                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                # the brokers and controllers talk over the plaintext listeners as ANONYMOUS
+                "super.users": "User:ANONYMOUS",
+                "allow.everyone.if.no.acl.found": "false",
+            }
+        return props
 
     def log_file(self, node: int) -> Path:
         return self.root / f"node-{node}" / "kafka.log"
@@ -132,7 +194,7 @@ class ApacheKafka:
             "message.max.bytes": 16 * 1024 * 1024 + 1024,  # the project's producers send up to 16 MiB
             "replica.fetch.max.bytes": 16 * 1024 * 1024 + 1024,
             "log.segment.bytes": 64 * 1024 * 1024,
-        }
+        } | self._security_properties(node)
         folder = self.root / f"node-{node}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "server.properties"
@@ -143,13 +205,15 @@ class ApacheKafka:
     def format(self, timeout_s: float = 60.0) -> None:
         """``kafka-storage format`` on every node, in parallel (one JVM start each)."""
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        scram = []
+        for user, password in (self.security.users if self.security else {}).items():
+            scram += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]"]
         procs = []
         for node in range(self.brokers):
             props = self._properties(node)
             log = open(self.root / f"node-{node}" / "format.log", "wb")
-            procs.append(
-                (node, log, _java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), log=log))
-            )
+            args = ("format", "-t", cluster_id, "-c", str(props), *scram)
+            procs.append((node, log, _java("kafka.tools.StorageTool", *args, log=log)))
         for node, log, proc in procs:
             code = proc.wait(timeout_s)
             log.close()
