@@ -1,19 +1,136 @@
-"""Serving export: the main heads only, with what is needed to load them again.
+"""Serving export: the main heads only, as files a serving stack loads with plain torch.
 
-Layout: ``<model_dir>/<version>/serving.pt`` and ``<model_dir>/LATEST`` (the newest version,
-replaced atomically). Load the newest with ``distill.learn.export.load_serving_model(model_dir)``.
+Each version of a student is a directory of Triton's model repository layout
+(``distill.learn.repository``)::
+
+    <model root>/<student>/config.pbtxt          Triton: inputs, outputs, the promoted version
+    <model root>/<student>/<version>/model.pt    TorchScript (Triton's PyTorch backend loads it)
+    <model root>/<student>/<version>/model.pt2   torch.export program, dynamic batch dimension
+    <model root>/<student>/<version>/signature.json   features, tasks, what each output is
+    <model root>/<student>/<version>/metrics.json     the student's windowed figures at export
+    <model root>/<student>/<version>/serving.pt  weights and configs, for load_serving_model
+    <model root>/<student>/LATEST, PROMOTED      the newest version, the version to serve
+
+Both graphs take raw inputs and give raw outputs: ``categorical`` int64 [n, features] holds
+the ids as they come (any int64; the id hashing to table rows is inside the graph), ``dense``
+float32 [n, features]; ``outputs`` float32 [n, tasks] holds a logit per binary task and a
+value in the target's units per regression task (the standardisation is undone inside).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from distill.core.config import FeaturesConfig, ModelConfig, TaskConfig
-from distill.core.files import atomic_write
+from distill.core.config import ExportConfig, FeaturesConfig, ModelConfig, TaskConfig
 from distill.learn.models import RankingModel, ServingModel
+from distill.learn.promotion import Decision, decide, figures
+from distill.learn.repository import ModelRepository, RepositoryState
+
+INPUTS = ("categorical__0", "dense__1")  # Triton's PyTorch backend: <name>__<argument index>
+OUTPUT = "outputs__0"
+
+
+def serving_copy(
+    model: RankingModel, features: FeaturesConfig, tasks: list[TaskConfig], config: ModelConfig
+) -> ServingModel:
+    """A CPU copy of the main heads in eval mode (no aux head, no dropout)."""
+    fresh = RankingModel(features, tasks, config)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("aux_head")}
+    fresh.load_state_dict(weights)
+    return ServingModel(fresh).eval()
+
+
+def _example(features: FeaturesConfig, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    categorical = torch.randint(-(2**62), 2**62, (n, len(features.categorical)), generator=g)
+    return categorical, torch.randn(n, len(features.dense), generator=g)
+
+
+def torchscript(serving: ServingModel, features: FeaturesConfig) -> bytes:
+    # TorchScript is what Triton's PyTorch (libtorch) backend loads; torch 2.13 calls it
+    # deprecated in favour of torch.export, which model.pt2 holds.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(serving, _example(features))
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+    return buf.getvalue()
+
+
+def exported_program(serving: ServingModel, features: FeaturesConfig) -> bytes:
+    batch = torch.export.Dim("batch")
+    with torch.no_grad():
+        program = torch.export.export(
+            serving, _example(features), dynamic_shapes={"categorical": {0: batch}, "dense": {0: batch}}
+        )
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return buf.getvalue()
+
+
+def signature(features: FeaturesConfig, tasks: list[TaskConfig], version: int) -> dict[str, Any]:
+    return {
+        "version": version,
+        "torch": torch.__version__,
+        "files": {"torchscript": "model.pt", "torch_export": "model.pt2"},
+        "inputs": [
+            {
+                "name": INPUTS[0],
+                "dtype": "int64",
+                "shape": [-1, len(features.categorical)],
+                "columns": features.categorical_names,
+                "meaning": "raw categorical ids, any int64; hashed to embedding rows inside the graph",
+            },
+            {
+                "name": INPUTS[1],
+                "dtype": "float32",
+                "shape": [-1, len(features.dense)],
+                "columns": list(features.dense),
+                "meaning": "raw dense features (normalised inside the graph)",
+            },
+        ],
+        "outputs": [
+            {
+                "name": OUTPUT,
+                "dtype": "float32",
+                "shape": [-1, len(tasks)],
+                "columns": [
+                    {
+                        "task": t.name,
+                        "type": t.type,
+                        "output": "logit" if t.type == "binary" else "value",
+                        "meaning": "log-odds; sigmoid gives the probability"
+                        if t.type == "binary"
+                        else "the prediction in the target's own units",
+                    }
+                    for t in tasks
+                ],
+            }
+        ],
+    }
+
+
+def _legacy_payload(
+    serving: ServingModel, features: FeaturesConfig, tasks: list[TaskConfig], config: ModelConfig, version: int
+) -> bytes:
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "version": version,
+            "state_dict": serving.model.state_dict(),
+            "features": features.model_dump(mode="json"),
+            "tasks": [t.model_dump(mode="json") for t in tasks],
+            "model": config.model_dump(mode="json"),
+        },
+        buf,
+    )
+    return buf.getvalue()
 
 
 def export_serving_model(
@@ -21,32 +138,53 @@ def export_serving_model(
     features: FeaturesConfig,
     tasks: list[TaskConfig],
     model_config: ModelConfig,
-    model_dir: Path,
+    model_dir: Path | str,
     version: int,
-) -> Path:
-    target = model_dir / str(version)
-    target.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("aux_head")}
-    payload = {
-        "version": version,
-        "state_dict": weights,
-        "features": features.model_dump(mode="json"),
-        "tasks": [t.model_dump(mode="json") for t in tasks],
-        "model": model_config.model_dump(mode="json"),
+    *,
+    export: ExportConfig | None = None,
+    metrics: dict[str, Any] | None = None,
+    compared_tasks: list[str] | None = None,
+    baseline: str | None = None,
+) -> RepositoryState:
+    """Write ``version`` of a student into ``model_dir`` (a directory or an fsspec URL), move
+    LATEST to it, apply the promotion rule, then delete what ``export.keep`` no longer keeps.
+
+    ``metrics``: the student's evaluator snapshot ({task: {head: {"windowed": {...}}}}), kept
+    with the version and compared with the ``baseline`` student's newest export on
+    ``compared_tasks`` (None: every task). Returns the repository as it is afterwards (the
+    exported, promoted and kept versions and the bytes on disk, for the metrics)."""
+    export = export or ExportConfig()
+    repo = ModelRepository(model_dir)
+    serving = serving_copy(model, features, tasks, model_config)
+    mine = figures(metrics or {}, {t.name: t.type for t in tasks})
+    files = {
+        "serving.pt": _legacy_payload(serving, features, tasks, model_config, version),
+        "model.pt": torchscript(serving, features),
+        "model.pt2": exported_program(serving, features),
+        "metrics.json": json.dumps({"version": version, "windowed": mine}, indent=2).encode(),
+        "signature.json": json.dumps(signature(features, tasks, version), indent=2).encode(),
     }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write(target / "serving.pt", buf.getvalue())
-    atomic_write(model_dir / "LATEST", f"{version}\n".encode())
-    return target
+    repo.write_version(version, files)
+    if not export.promote:
+        decision = Decision(True, "promotion is off (students[].export.promote = false)")
+    elif baseline == repo.name:
+        decision = Decision(True, "the teacher-free baseline itself")
+    else:
+        base = repo.sibling_figures(baseline) if baseline else None
+        decision = decide(mine, base, compared_tasks, export.promote_margin)
+    return repo.after_export(version, decision, signature(features, tasks, version), keep=export.keep)
 
 
 def load_serving_model(model_dir: Path | str, version: int | None = None) -> ServingModel:
-    """The serving model (main heads only), in eval mode. Call it with (categorical, dense)."""
-    model_dir = Path(model_dir)
+    """The serving model (main heads only), in eval mode, as a module of this package. Call it
+    with (categorical, dense). A serving stack without this package loads ``model.pt``
+    (``torch.jit.load``) or ``model.pt2`` (``torch.export.load``) instead."""
+    repo = ModelRepository(model_dir)
     if version is None:
-        version = int((model_dir / "LATEST").read_text().strip())
-    payload = torch.load(model_dir / str(version) / "serving.pt", map_location="cpu", weights_only=True)
+        version = repo.latest()
+        if version is None:
+            raise FileNotFoundError(f"no exported version in {repo.storage}: LATEST is missing")
+    payload = torch.load(io.BytesIO(repo.read(version, "serving.pt")), map_location="cpu", weights_only=True)
     model = RankingModel(
         FeaturesConfig.model_validate(payload["features"]),
         [TaskConfig.model_validate(t) for t in payload["tasks"]],

@@ -41,8 +41,12 @@ def test_a_store_mounted_elsewhere_is_found_by_file_name(tmp_path):
     assert torch.equal(here.load(uri, sha)["b"], weights(2)["b"])
     with pytest.raises(CheckpointError, match="teacher.pool.model_store"):
         ModelStore(tmp_path / "elsewhere").load(uri, sha)
-    with pytest.raises(CheckpointError, match="file://"):
-        here.load("s3://bucket/teacher-000000000002.pt", sha)
+    # an announced URL of another scheme is looked up by file name in this store too
+    assert torch.equal(here.load("s3://bucket/prefix/teacher-000000000002.pt", sha)["b"], weights(2)["b"])
+    with pytest.raises(CheckpointError, match="teacher.pool.model_store"):
+        here.load("s3://bucket/prefix/teacher-000000000009.pt", sha)
+    with pytest.raises(CheckpointError, match="teacher-<version>.pt"):
+        here.load("s3://bucket/prefix/weights.bin", sha)
 
 
 def test_prune_keeps_what_labelers_may_need_and_the_newest(tmp_path):
