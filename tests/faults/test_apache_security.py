@@ -72,14 +72,8 @@ def as_user(secure, make_config, tmp_path):
             "ssl_ca_location": str(secure.security.pki / ca),
             "extra": {},
         }
-        return make_config(
-            kafka=kafka | overrides.pop("kafka", {}),
-            topics=TOPICS,
-            teacher=TEACHER,
-            students=[STUDENT],
-            producer={"producer_id": "demo"},
-            **overrides,
-        )
+        base = {"topics": TOPICS, "teacher": TEACHER, "students": [STUDENT], "producer": {"producer_id": "demo"}}
+        return make_config(kafka=kafka | overrides.pop("kafka", {}), **(base | overrides))
 
     return make
 
@@ -128,6 +122,37 @@ def test_each_role_runs_the_pipeline_with_only_its_own_rights(as_user, topics, t
     assert teacher.examples_labeled >= 2000
     assert student.counts["joined"] == len(batches) and student.counts["missing"] == 0
     assert sorted(student.trained_batch_ids) == sorted(batches)
+
+
+def test_the_teacher_at_scale_runs_as_the_teacher_user(as_user, topics, tmp_path):
+    """A trainer and a labeler (the pool) with the teacher's rights only: checkpoints announced
+    and read, labels committed, the labelers' offsets read for the lead bound."""
+    import torch
+
+    from teacher_worker.labeler import Labeler
+    from teacher_worker.ranks import Ranks
+    from teacher_worker.trainer import Trainer
+
+    pool = {"publish_every_batches": 3, "publish_every_seconds": 60.0, "lead_check_seconds": 0.2}
+    config = as_user(
+        "distill-teacher",
+        teacher=TEACHER | {"max_batches_per_step": 4, "poll_timeout_s": 0.05, "pool": TEACHER["pool"] | pool},
+    )
+    before = len(example_batch_ids(topics))
+    producer = as_user("distill-producer", producer={"producer_id": "pool"})
+    run_producer(producer, "synthetic", handle_signals=False, serve_http=False, max_examples=1200, batch_size=200)
+    total = len(example_batch_ids(topics))
+    assert total > before
+    trainer = Trainer(config, Ranks(), torch.device("cpu"))
+    labeler = Labeler(config.model_copy(update={"teacher": config.teacher.model_copy(update={"name": "labeler-0"})}))
+    trainer.start()
+    labeler.start()
+    try:
+        # a label committed and a second checkpoint announced (the lead bound read the group)
+        run_until(lambda: labeler.examples_labeled > 0 and trainer.version >= 1, [trainer.step, labeler.step], 120)
+    finally:
+        trainer.close()
+        labeler.close()
 
 
 def test_a_student_cannot_write_labels_nor_use_another_students_group(as_user, topics, consume):
