@@ -48,7 +48,8 @@ def event(i: int) -> dict[str, Any]:
 def events_config(make_config: Callable[..., Config], events_topic: str, **overrides: Any) -> Config:
     events = {"topic": events_topic, "group_id": f"group.{events_topic}", **MAPPING, **overrides.pop("events", {})}
     producer = {"batch_size": 64, "linger_ms": 50, **overrides.pop("producer", {})}
-    return make_config(**LAYOUT, events=events, producer=producer, **overrides)
+    layout = {"features": overrides.pop("features", LAYOUT["features"]), "tasks": LAYOUT["tasks"]}
+    return make_config(**layout, events=events, producer=producer, **overrides)
 
 
 def create_topic(config: Config, topic: str, partitions: int) -> None:
