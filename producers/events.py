@@ -258,7 +258,7 @@ class EventsService:
             self._call_txn_alone()
         else:
             try:
-                data = json.loads(last.value())
+                data = json.loads(last.value() or b"")
                 self.record = _Record(
                     self.pid,
                     int(data["next_seq"]),
@@ -274,13 +274,14 @@ class EventsService:
         self.resume = dict(self.record.inputs)
         found = 0
         for msg in recovery.read_to_end(self.clients, admin, self.topic, self.record.offsets):
-            batch = recovery.read_batch_headers(msg.headers())
+            headers: Any = msg.headers()
+            batch = recovery.read_batch_headers(headers)
             if batch is None or batch[0] != self.pid:
                 continue
             _, seq, places = batch
             self.skip.update(places.tolist())
             self.next_seq = max(self.next_seq, seq + 1)
-            self.record.offsets[msg.partition()] = msg.offset() + 1
+            self.record.offsets[int(msg.partition() or 0)] = int(msg.offset() or 0) + 1
             found += 1
         log.info(
             "recovered the events position",

@@ -44,7 +44,7 @@ class Sent:
     partition: int
     key: bytes
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, Any]]  # as confluent_kafka takes them
     positions: np.ndarray
     newest_ms: int
     offset: int = -1  # set by its delivery report
@@ -94,9 +94,7 @@ class Transactions:
     def deadline(self) -> float | None:
         return self.opened_at + self.max_s if self.batches else None
 
-    def commit(
-        self, next_position: Callable[[list[Sent]], Any], flush: Callable[[], None]
-    ) -> tuple[Any, list[Sent]]:
+    def commit(self, next_position: Callable[[list[Sent]], Any], flush: Callable[[], None]) -> tuple[Any, list[Sent]]:
         """Flush (every batch acknowledged, offsets known), produce the position record, commit.
         Returns the committed position and batches. ``flush`` raises when a batch failed."""
         for attempt in range(MAX_ABORTS + 1):

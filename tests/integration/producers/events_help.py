@@ -18,7 +18,10 @@ from tests.integration.workers import read_all
 
 # An impression/click event of a recommender: nested context, text item ids, a dwell time.
 LAYOUT: dict[str, Any] = {
-    "features": {"categorical": [{"name": "user_id"}, {"name": "item"}, {"name": "context.device"}], "dense": ["price"]},
+    "features": {
+        "categorical": [{"name": "user_id"}, {"name": "item"}, {"name": "context.device"}],
+        "dense": ["price"],
+    },
     "tasks": [{"name": "clicked"}, {"name": "dwell_s", "type": "regression"}],
 }
 MAPPING: dict[str, Any] = {
@@ -81,7 +84,10 @@ def json_events(ids: Iterable[int]) -> list[bytes]:
 
 def examples(config: Config, idle: float = 1.5) -> list[tuple[int, ExampleBatch]]:
     codec = Codec()
-    return [(m.partition(), codec.decode_examples(m.value(), m.headers())) for m in read_all(config, config.topics.examples, idle=idle)]
+    return [
+        (m.partition(), codec.decode_examples(m.value(), m.headers()))
+        for m in read_all(config, config.topics.examples, idle=idle)
+    ]
 
 
 def example_ids(batches: list[tuple[int, ExampleBatch]]) -> np.ndarray:

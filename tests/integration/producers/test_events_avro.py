@@ -33,7 +33,10 @@ V1 = {
         {"name": "ts", "type": "long"},
         {"name": "user_id", "type": "long"},
         {"name": "item", "type": "string"},
-        {"name": "context", "type": {"type": "record", "name": "Context", "fields": [{"name": "device", "type": "string"}]}},
+        {
+            "name": "context",
+            "type": {"type": "record", "name": "Context", "fields": [{"name": "device", "type": "string"}]},
+        },
         {"name": "price", "type": "double"},
         {"name": "clicked", "type": "boolean"},
         {"name": "dwell_s", "type": "double"},

@@ -43,7 +43,10 @@ def test_the_documented_batch_is_labelled_by_a_teacher(make_config, monkeypatch)
 
     config = make_config(
         topics={"partitions": 1},
-        features={"categorical": [{"name": "user_id", "buckets": 101}, {"name": "item_id", "buckets": 101}], "dense": ["ctx0"]},
+        features={
+            "categorical": [{"name": "user_id", "buckets": 101}, {"name": "item_id", "buckets": 101}],
+            "dense": ["ctx0"],
+        },
         tasks=[{"name": "click", "type": "binary"}],
         students=[],
     )
