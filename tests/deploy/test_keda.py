@@ -93,7 +93,6 @@ def test_keda_reaches_kafka_as_the_workers_do(app_overlays, kafka_overlays, over
     docs = app_overlays[overlay]
     kdocs = kafka_overlays[KAFKA_FOR[overlay]]
     (kafka,) = of_kind(kdocs, "Kafka")
-    (user,) = of_kind(kdocs, "KafkaUser")
     (ns,) = of_kind(docs, "Namespace")
     cluster = kafka["metadata"]["name"]
     for target, so in scaled_objects(docs).items():
@@ -110,15 +109,15 @@ def test_keda_reaches_kafka_as_the_workers_do(app_overlays, kafka_overlays, over
         assert meta.get("tls") == ("enable" if listener["tls"] else "disable")
         mechanism = {"SCRAM-SHA-512": "scram_sha512", "SCRAM-SHA-256": "scram_sha256", "PLAIN": "plaintext"}
         assert meta.get("sasl") == mechanism[cfg.kafka.sasl_mechanism]
-        # The credentials: the KafkaUser's name and password, the cluster CA.
+        # The credentials: KEDA's own KafkaUser (its name and password), the cluster CA.
         params = auth_params(docs, trigger)
         assert "sasl" not in params and "tls" not in params, "KEDA rejects them in both places"
-        assert params["password"] == ("Secret", user["metadata"]["name"], "password")
-        assert params["ca"] == ("Secret", f"{cluster}-cluster-ca-cert", "ca.crt")
         kind, name, key = params["username"]
         assert kind == "ConfigMap", "the user name is not secret (Strimzi's Secret does not hold it)"
-        username = named(docs, "ConfigMap", name)["data"][key]
-        assert username == cfg.kafka.sasl_username == user["metadata"]["name"]
+        user = named(kdocs, "KafkaUser", named(docs, "ConfigMap", name)["data"][key])
+        assert user["spec"]["authentication"]["type"] == "scram-sha-512"
+        assert params["password"] == ("Secret", user["metadata"]["name"], "password"), "Strimzi's Secret of that user"
+        assert params["ca"] == ("Secret", f"{cluster}-cluster-ca-cert", "ca.crt")
         # What KEDA does as that user: describe the topic (offsets) and the group (its offsets).
         acls = user["spec"]["authorization"]["acls"]
         assert _allows(acls, "topic", meta["topic"], "Describe")
