@@ -1,4 +1,8 @@
-"""The ``distill`` command line. Every option has the same name here, in config and in env."""
+"""The ``distill`` command line. Every option has the same name here, in config and in env.
+
+Exit codes: 0 done, 1 a runtime error (the broker, a delivery, a checkpoint), 2 a usage error
+(an unknown option or choice, a bad config: retrying the same command cannot help).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,39 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from distill.core.config import Config, load_config
+from distill import __version__
+from distill.core.config import Config, Device, Partitioner, TeacherRole, load_config
 from distill.core.exceptions import ConfigError, DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous knowledge distillation over Kafka.")
+
+USAGE_ERROR, RUNTIME_ERROR = 2, 1
+# Choices as Literal types: --help lists them, anything else is a usage error (exit 2).
+Replay = Literal["synthetic", "movielens", "file"]
+SourceName = Literal["synthetic", "movielens", "file", "events"]
+Objective = Literal["gain", "gain-per-gflop", "gain-per-second"]
+TimeKind = Literal["kafka", "event"]
+TopicsAction = Literal["create"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"distill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Continuous knowledge distillation over Kafka."""
+
 
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config file (or DISTILL_CONFIG).")
@@ -31,7 +60,7 @@ def _load(config: Path | None, bootstrap: str | None = None, **overrides) -> Con
 
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(2)
+    raise typer.Exit(USAGE_ERROR if isinstance(exc, ConfigError) else RUNTIME_ERROR)
 
 
 @app.command()
@@ -60,7 +89,11 @@ def broker(
 
 
 @app.command("topics")
-def topics(config: ConfigOpt = None, bootstrap: BootstrapOpt = None) -> None:
+def topics(
+    action: Annotated[TopicsAction, typer.Argument(help="create (the default): create what is missing.")] = "create",
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+) -> None:
     """Create the examples, labels and dead-letter topics; check the partition counts."""
     from distill.core.kafka import Clients, ensure_topics
 
@@ -82,7 +115,11 @@ def check_config(config: ConfigOpt = None) -> None:
         cfg = _load(config)
     except DistillError as exc:
         _fail(exc)
-    typer.echo(cfg.model_dump_json(indent=2, exclude={"kafka": {"sasl_password", "ssl_key_password"}}))
+    secrets: dict[str, Any] = {
+        "kafka": {"sasl_password", "ssl_key_password"},
+        "events": {"schema_registry": {"basic_auth_user_info"}},
+    }
+    typer.echo(cfg.model_dump_json(indent=2, exclude=secrets))
 
 
 def _configure(role: str, name: str) -> None:
@@ -96,7 +133,7 @@ def teacher(
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     role: Annotated[
-        Optional[str],
+        Optional[TeacherRole],
         typer.Option(
             help="both: label and train in one process (teacher.role, default). At scale: trainer "
             "(under torchrun for several GPUs) and any number of labeler processes."
@@ -105,7 +142,7 @@ def teacher(
     name: Annotated[
         Optional[str], typer.Option(help="This worker's name (teacher.name); unique per labeler, e.g. the pod name.")
     ] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (teacher.device).")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="teacher.device.")] = None,
     metrics_port: Annotated[
         Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz (teacher.metrics_port).")
     ] = None,
@@ -162,7 +199,7 @@ def student(
 @app.command()
 def produce(
     source: Annotated[
-        str, typer.Argument(help="synthetic, movielens or file (replays), or events (the [events] topic).")
+        SourceName, typer.Argument(help="A replay (synthetic, movielens, file) or events (the [events] topic).")
     ],
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
@@ -179,7 +216,7 @@ def produce(
     ] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Examples per message (producer.batch_size).")] = None,
     linger_ms: Annotated[Optional[float], typer.Option(help="Send a partial batch after this long.")] = None,
-    partitioner: Annotated[Optional[str], typer.Option(help="user or round_robin (producer.partitioner).")] = None,
+    partitioner: Annotated[Optional[Partitioner], typer.Option(help="producer.partitioner.")] = None,
     producer_id: Annotated[Optional[str], typer.Option(help="Prefix of the batch ids (producer.producer_id).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics, /healthz, /readyz.")] = None,
     data_dir: Annotated[
@@ -197,10 +234,7 @@ def produce(
     from distill.core.presets import load_config_for
     from distill.core.progress import ProgressLog
     from producers.service import run_producer
-    from producers.sources import SOURCES
 
-    if source != "events" and source not in SOURCES:
-        _fail(ConfigError(f"unknown source {source!r}; choose one of {[*SOURCES, 'events']}"))
     overrides = {"kafka": {"bootstrap_servers": bootstrap}} if bootstrap else {}
     if source == "events":
         replay_only = {"--examples": examples, "--rate": rate, "--speedup": speedup, "--position-file": position_file}
@@ -272,7 +306,7 @@ def _hold(worker: str, port: int) -> None:
 
 @app.command()
 def up(
-    source: Annotated[str, typer.Option(help="synthetic, movielens or file.")] = "synthetic",
+    source: Annotated[Replay, typer.Option(help="The stream to run.")] = "synthetic",
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     examples: Annotated[Optional[int], typer.Option(help="Examples to produce (default: the whole source).")] = None,
@@ -343,7 +377,7 @@ def sweep(
     ] = None,
     to_time: Annotated[Optional[str], typer.Option(help="End (exclusive); default: now.")] = None,
     time_kind: Annotated[
-        str, typer.Option(help="kafka (message timestamps) or event (the batches' event times).")
+        TimeKind, typer.Option(help="kafka (message timestamps) or event (the batches' event times).")
     ] = "kafka",
     budget_examples: Annotated[
         Optional[int], typer.Option(help="At most N examples processed over all candidates.")
@@ -352,9 +386,7 @@ def sweep(
     warmup: Annotated[
         float, typer.Option(help="Share of the window every candidate trains on before scoring starts.")
     ] = 0.3,
-    objective: Annotated[
-        str, typer.Option(help="gain, gain-per-gflop or gain-per-second: what halving keeps.")
-    ] = "gain",
+    objective: Annotated[Objective, typer.Option(help="What halving keeps.")] = "gain",
     task: Annotated[
         Optional[str], typer.Option(help="Task the gain is measured on (default: the first binary task).")
     ] = None,
@@ -362,7 +394,7 @@ def sweep(
         Optional[Path],
         typer.Option(help="Where sweep.json and winner-teacher.toml go (default: <state_dir>/sweeps/<run id>)."),
     ] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: teacher.device).")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="Default: teacher.device.")] = None,
     max_window_mb: Annotated[int, typer.Option(help="Refuse a window larger than this in memory.")] = 2048,
 ) -> None:
     """Rank candidate teachers on a retained window of the examples topic (successive halving)."""

@@ -1,7 +1,9 @@
 """The one configuration of a deployment: a TOML or YAML file plus ``DISTILL_`` overrides.
 
 Environment variables override the file with ``__`` between levels, for example
-``DISTILL_KAFKA__BOOTSTRAP_SERVERS=host:9092`` or ``DISTILL_TEACHER__DEVICE=cuda``. Lists and
+``DISTILL_KAFKA__BOOTSTRAP_SERVERS=host:9092`` or ``DISTILL_TEACHER__DEVICE=cuda``. Only
+variables that start with a declared section or top-level field are read (others, such as the
+service links Kubernetes injects, are not config); an unknown key inside a section is an error. Lists and
 objects are parsed as JSON, ``null`` is None, any other value is a string converted to the
 field's type (so ``DISTILL_TOPICS__PARTITIONS=8`` is a number, a password of digits a string).
 Everything is validated at start-up; an error names the field and the allowed values.
@@ -178,6 +180,11 @@ class TeacherPoolConfig(_Strict):
     # one a labeler may still need, so an out-of-sample checkpoint always exists in the store.
     max_lead_versions: int = Field(default=16, ge=1)
     lead_check_seconds: float = Field(default=1.0, gt=0)
+    # A labeler labels a batch only with a checkpoint trained to within this many examples of it
+    # (on the batch's partition); while the trainer has not published one yet it waits, and the
+    # trainer publishes early when labelers wait. A checkpoint the trainer trained past the
+    # batch never comes: then the newest out-of-sample one labels it (counted as stale).
+    max_label_staleness_examples: int = Field(default=4096, ge=0)
     # Checkpoints a labeler holds in memory; older ones are read back from the store if needed.
     keep_in_memory: int = Field(default=4, ge=1)
     labeler_group_id: str = "teacher.labelers"
@@ -453,11 +460,17 @@ def _parse_env_value(raw: str) -> Any:
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """The ``DISTILL_*`` variables that name a declared top-level field or section. Others are
+    not config: Kubernetes injects ``DISTILL_TEACHER_PORT=tcp://...`` and the like for every
+    Service whose name starts with ``distill-`` (service links). Below a declared section an
+    unknown key is an error, as in a file: ``DISTILL_TEACHER__DEVIC`` is a typo, not a link."""
     overrides: dict[str, Any] = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key in _NOT_CONFIG:
             continue
         path = key[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in Config.model_fields:
+            continue
         node = overrides
         for part in path[:-1]:
             node = node.setdefault(part, {})

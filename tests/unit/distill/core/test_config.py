@@ -355,3 +355,51 @@ def test_check_config_good_file_prints_it_without_secrets(cli, tmp_path):
     printed = json.loads(result.stdout)
     assert printed["topics"]["partitions"] == 12
     assert "hunter2" not in result.output and "k3y" not in result.output
+
+
+# -- Kubernetes service links --------------------------------------------------------------------
+# What Kubernetes injects into every pod of a namespace for a Service named distill-teacher
+# (and one named distill-kafka) unless enableServiceLinks is false.
+SERVICE_LINKS = {
+    "DISTILL_TEACHER_PORT": "tcp://10.96.12.7:9100",
+    "DISTILL_TEACHER_PORT_9100_TCP": "tcp://10.96.12.7:9100",
+    "DISTILL_TEACHER_PORT_9100_TCP_ADDR": "10.96.12.7",
+    "DISTILL_TEACHER_PORT_9100_TCP_PORT": "9100",
+    "DISTILL_TEACHER_PORT_9100_TCP_PROTO": "tcp",
+    "DISTILL_TEACHER_SERVICE_HOST": "10.96.12.7",
+    "DISTILL_TEACHER_SERVICE_PORT": "9100",
+    "DISTILL_TEACHER_SERVICE_PORT_METRICS": "9100",
+    "DISTILL_KAFKA_PORT": "tcp://10.96.3.1:9093",
+    "DISTILL_KAFKA_SERVICE_HOST": "10.96.3.1",
+}
+
+
+def test_kubernetes_service_links_are_not_config(tmp_path):
+    env = SERVICE_LINKS | {"DISTILL_TEACHER__DEVICE": "cpu", "DISTILL_KAFKA__CLIENT_ID": "c"}
+    cfg = load_config(write(tmp_path, "c.toml", TOML), environ=env)
+    assert cfg.teacher.device == "cpu" and cfg.kafka.client_id == "c"
+    assert (
+        cfg.model_dump()
+        == load_config(
+            write(tmp_path, "c.toml", TOML), environ={"DISTILL_TEACHER__DEVICE": "cpu", "DISTILL_KAFKA__CLIENT_ID": "c"}
+        ).model_dump()
+    )
+
+
+def test_an_unknown_key_inside_a_section_from_env_is_still_an_error():
+    assert "teacher.devic: unknown key" in error_of(None, environ={"DISTILL_TEACHER__DEVIC": "cpu"})
+    assert "kafka.port: unknown key" in error_of(None, environ={"DISTILL_KAFKA__PORT": "9093"})
+
+
+def test_events_section_from_env():
+    env = {
+        "DISTILL_EVENTS__TOPIC": "impressions",
+        "DISTILL_EVENTS__CATEGORICAL": '["user_id"]',
+        "DISTILL_EVENTS__LABELS": '{"click": "clicked"}',
+        "DISTILL_EVENTS__SCHEMA_REGISTRY__URL": "http://registry:8081",
+        "DISTILL_EVENTS__FORMAT": "avro",
+    }
+    cfg = load_config(None, environ=env)
+    assert cfg.events.topic == "impressions" and cfg.events.labels == {"click": "clicked"}
+    assert cfg.events.schema_registry.url == "http://registry:8081"
+    assert "events.schema_registry.url" in error_of(None, environ={"DISTILL_EVENTS__FORMAT": "avro"})
