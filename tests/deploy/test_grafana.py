@@ -142,3 +142,28 @@ def test_dashboard_queries_are_valid_promql(promtool, tmp_path):
     proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         pytest.fail(proc.stdout + proc.stderr)
+
+
+def test_dashboard_shows_kafka_itself():
+    """A Kafka row: the brokers' view of each group's lag and the brokers' health, with the names
+    deploy/kafka exports (tests/deploy/test_kafka.py checks them against its JMX exporter rules)."""
+    d = dashboard()
+    top = d["panels"]
+    (start,) = [i for i, p in enumerate(top) if p["type"] == "row" and p["title"].startswith("Kafka")]
+    end = next((i for i in range(start + 1, len(top)) if top[i]["type"] == "row"), len(top))
+    exprs = [t["expr"] for p in top[start + 1 : end] for t in p["targets"]]
+    text = " ".join(exprs)
+    for metric in (
+        "kafka_consumergroup_lag",
+        "kafka_server_brokertopicmetrics_messagesin_total",
+        "kafka_server_brokertopicmetrics_bytesin_total",
+        "kafka_server_replicamanager_underreplicatedpartitions",
+        "kafka_server_replicamanager_underminisrpartitioncount",
+        "kafka_controller_kafkacontroller_offlinepartitionscount",
+        "kafka_controller_kafkacontroller_activecontrollercount",
+        "kafka_network_requestmetrics_totaltimems",
+    ):
+        assert metric in text, f"the Kafka row does not show {metric}"
+    lag = next(e for e in exprs if "kafka_consumergroup_lag" in e)
+    assert "by (consumergroup, topic)" in lag, "one line per group and topic"
+    assert all('namespace=~"$namespace"' in e for e in exprs), "every query follows the namespace variable"

@@ -38,6 +38,12 @@ REQUIRED_ALERTS = {
     "DistillStudentWorseThanBaseline",  # progressive logloss worse than the none student
     "DistillTeacherTrainerHeldBack",  # the trainer paused by the lead bound: labelers cannot keep up
     "DistillTeacherLabelsStale",  # labels from a checkpoint far behind their examples
+    # issue 19: Kafka itself
+    "DistillKafkaUnderMinIsr",
+    "DistillKafkaUnderReplicated",
+    "DistillKafkaOfflinePartitions",
+    "DistillKafkaNoActiveController",
+    "DistillKafkaLagUnknown",  # the broker-side lag is missing: the lag alert would be blind
 }
 
 
@@ -172,3 +178,13 @@ def test_quantile_alerts_can_reach_their_threshold():
     assert checked >= 2
     # The buckets are distill/core/metrics.py's: a threshold past the last one can never fire.
     assert not unreachable, "; ".join(unreachable)
+
+
+def test_the_lag_alert_watches_the_brokers_view_of_the_lag():
+    """A dead worker exports no distill_consumer_lag_messages: the lag alert must rest on the
+    Kafka Exporter's kafka_consumergroup_lag, which the brokers keep for every group."""
+    recorded = {r["record"]: r["expr"] for r in rules() if "record" in r}
+    expr = alerts()["DistillConsumerLagGrowing"]["expr"]
+    sources = " ".join(recorded[name] for name in RECORDED_RE.findall(expr))
+    assert "kafka_consumergroup_lag" in sources and "distill_consumer_lag_messages" not in expr + sources
+    assert "kafka_consumergroup_lag" in alerts()["DistillTeacherNotPublishing"]["expr"], "a dead teacher too"
