@@ -38,7 +38,7 @@ class PendingExamples:
 
 @dataclass
 class BufferedLabel:
-    label: LabelBatch
+    batch: LabelBatch
     offset: int
     arrived: float
     message: Any = None  # the raw message, for the DLQ if the label does not match its batch
@@ -131,7 +131,7 @@ class PartitionJoin:
         if len(self.recent) > _RECENT:
             self.recent.popitem(last=False)
         # labels for batches before the new position can never join now
-        for batch_id in [b for b, bl in self.labels.items() if bl.label.source_offset < self.next_offset]:
+        for batch_id in [b for b, bl in self.labels.items() if bl.batch.source_offset < self.next_offset]:
             del self.labels[batch_id]
 
     def label_resume_offset(self, position: int) -> int:

@@ -25,19 +25,11 @@ from distill.core.checkpoint import Checkpointer
 from distill.core.config import Config
 from distill.core.dead_letters import DeadLetters
 from distill.core.exceptions import DecodeError
-from distill.core.kafka import (
-    BrokerProbe,
-    Clients,
-    check_partitions,
-    consume_available,
-    export_lag,
-    partitions_at,
-    without_errors,
-)
+from distill.core.kafka import check_partitions, partitions_at, wait_for_broker
 from distill.core.layout import check_layout
-from distill.core.progress import ProgressLog
 from distill.core.service import Service
-from distill.core.wire import Codec, ids_checksum
+from distill.core.wire import ids_checksum
+from distill.core.worker import Worker, run_worker
 from distill.learn.evaluation import ProgressiveEvaluator
 from distill.learn.export import export_serving_model
 from distill.learn.gate import TeacherGate
@@ -57,17 +49,14 @@ class Trained:
     scored: Scored | None  # None for a null student
 
 
-class StudentWorker:
+class StudentWorker(Worker):
     role = "student"
+    cooperative = False  # range assignment: partition p of both topics stays together
 
     def __init__(self, config: Config, name: str, service: Service | None = None):
-        self.config = config
         self.sc = sc = config.student(name)
-        self.name = name
-        self.service = service or Service(self.role, name, port=sc.metrics_port)
+        super().__init__(config, name, port=sc.metrics_port, service=service)
         self.device = resolve_device(sc.device)
-        self.kinds = [t.type for t in config.tasks]
-        self.task_names = [t.name for t in config.tasks]
         # model.kind "null" (transport benchmark): join, count, checkpoint and commit only.
         self.null = sc.model.kind == "null"
         objective = Objective.student(config, sc)
@@ -76,14 +65,15 @@ class StudentWorker:
         self.learner = Learner.build(config, sc.model, objective, self.device, self.features)
         self.model, self.optimizer = self.learner.model, self.learner.optimizer
         self.gate = TeacherGate.of(sc, self.distilled, self.kinds)
-        self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
-        self.clients = Clients(config.kafka, f"student.{name}")
         self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, name), sc.checkpoint.keep)
-        self.progress = ProgressLog(config.progress_dir(), self.role, name)
         self.evaluator = ProgressiveEvaluator(self.task_names, self.kinds)
-        self.version = 0
+        state = self.restore(self.checkpointer, self.learner)  # {} on a fresh start
+        self.version: int = state.get("version", 0)
+        self.evaluator.load_state_dict(state.get("evaluator", {}))
+        self.gate.load_state_dict(state.get("gate", {}))
         self.joins: dict[int, PartitionJoin] = {}
-        self.offsets: dict[int, dict[str, int]] = {}  # checkpointed: examples/labels_resume/labels_seen
+        # checkpointed per partition: examples / labels_resume / labels_seen
+        self.offsets: dict[int, dict[str, int]] = {int(p): dict(o) for p, o in state.get("offsets", {}).items()}
         self.label_position: dict[int, int] = {}  # next label offset read, per partition
         # Where the in-memory model stands on partitions handed back without a checkpoint
         # (a failed write, a lost assignment): used if they come back to this process.
@@ -95,39 +85,21 @@ class StudentWorker:
             "missing": 0,
             "late": 0,
             "duplicate": 0,
+            **state.get("counts", {}),
         }
-        self.trained_batch_ids: deque[str] = deque(maxlen=100_000)  # for tests and audits (checkpointed)
+        # for tests and audits (checkpointed)
+        self.trained_batch_ids: deque[str] = deque(state.get("trained_batch_ids", []), maxlen=100_000)
         self.batches_since_ckpt = 0
         self.last_ckpt = time.monotonic()
         self.recent_outcomes: deque[bool] = deque(maxlen=200)
         self.paused: set[tuple[str, int]] = set()
         self.teacher_seen_at = float("-inf")  # when any label last arrived
-        self.busy_s = 0.0
-        self._throughput = m.Throughput()
-        self.probe = BrokerProbe()
         for counter in [m.STUDENT_NAN.labels(name), m.STUDENT_CKPT_FAILURES.labels(name)] + [
             m.STUDENT_JOIN.labels(name, o) for o in ("joined", "missing", "late", "duplicate")
         ]:
             counter.inc(0)  # exported at 0 from the start, so increase() alerts see the first one
-        self._restore()
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _restore(self) -> None:
-        found = self.checkpointer.load_latest()
-        if found is None:
-            log.info("no checkpoint: starting a fresh student")
-            return
-        version, state = found
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.version = state["version"]
-        self.offsets = {int(p): dict(o) for p, o in state["offsets"].items()}
-        self.counts.update(state["counts"])
-        self.trained_batch_ids.extend(state.get("trained_batch_ids", []))
-        self.evaluator.load_state_dict(state.get("evaluator", {}))
-        self.gate.load_state_dict(state.get("gate", {}))
-        log.info("restored checkpoint", extra={"version": version, "offsets": self.offsets})
-
     def _current_offsets(self) -> dict[int, dict[str, int]]:
         offsets = {p: dict(o) for p, o in self.offsets.items()}
         offsets.update({p: dict(o) for p, o in self.live_offsets.items()})
@@ -155,8 +127,7 @@ class StudentWorker:
                 version,
                 {
                     "version": version,
-                    "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
+                    **self.learner.state_dict(),
                     "offsets": offsets,
                     "counts": dict(self.counts),
                     "trained_batch_ids": list(self.trained_batch_ids),
@@ -210,20 +181,15 @@ class StudentWorker:
     # -- Kafka ---------------------------------------------------------------------------------
     def start(self) -> None:
         admin = self.clients.admin()
-        from distill.core.kafka import wait_for_broker
-
         wait_for_broker(admin, seconds=None)  # not ready until it answers; no crash loop
         check_partitions(self.config, admin)
         self.producer = self.clients.producer()
         self.dead_letters = DeadLetters(self.producer, self.codec, self.role, self.name)
         # range assignment: partition p of the examples and of the labels topic go together
         self.consumer = self.clients.consumer(self.sc.group_id, **{"partition.assignment.strategy": "range"})
-        t = self.config.topics
-        self.consumer.subscribe(
-            [t.examples, t.labels], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
+        self.subscribe([self.config.topics.examples, self.config.topics.labels])
 
-    def _on_assign(self, consumer, partitions) -> None:
+    def on_assign(self, partitions) -> None:
         topics = self.config.topics
         for tp in partitions:
             # The model's own position wins over the group's: in memory if this process has
@@ -236,22 +202,15 @@ class StudentWorker:
                 self.joins[tp.partition] = PartitionJoin(
                     tp.partition, start, self.sc.label_wait_s, self.sc.max_pending_batches
                 )
-        consumer.assign(partitions)
-        log.info("partitions assigned", extra={"partitions": sorted(self.joins)})
-        self.service.set_ready(bool(self.joins), "assigned")
 
-    def _on_revoke(self, consumer, partitions) -> None:
+    def on_revoke(self, partitions) -> None:
         # Hand pending batches back: checkpoint and commit at the first untrained offset, then
         # drop the partitions' state. Whoever gets them next replays them with their labels.
+        # A lost assignment too: the model trained on these batches, so its position is kept.
         revoked = {tp.partition for tp in partitions if tp.topic == self.config.topics.examples}
         if revoked and self.batches_since_ckpt:
             self.checkpoint()
         self._drop(revoked)
-
-    def _on_lost(self, consumer, partitions) -> None:
-        # A lost assignment (session expired, e.g. a stalled broker) is handed back like a
-        # revoked one: the model trained on these batches, so its position must be kept.
-        self._on_revoke(consumer, partitions)
 
     def _drop(self, partitions: set[int]) -> None:
         current = self._current_offsets()
@@ -261,14 +220,13 @@ class StudentWorker:
             self.joins.pop(p, None)
             self.label_position.pop(p, None)
             self.paused = {(t, q) for t, q in self.paused if q != p}
-        self.service.set_ready(bool(self.joins), "assigned" if self.joins else "no partitions assigned")
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> bool:
-        msgs = consume_available(self.consumer, 64, self.sc.poll_timeout_s)
+        records = self.poll(64, self.sc.poll_timeout_s)
         now = time.monotonic()
         topics = self.config.topics
-        for msg in without_errors(msgs, lambda reason: self.service.set_ready(False, reason)):
+        for msg in records:
             p = msg.partition()
             join = self.joins.get(p)
             if join is None:
@@ -277,12 +235,10 @@ class StudentWorker:
                 self._on_examples(msg, join, now)
             else:
                 self._on_label(msg, join, now)
-        if msgs:
+        if records:
             self.service.set_ready(bool(self.joins), "assigned")
-        elif not self.probe.check(self.consumer):
-            self.service.set_ready(False, "broker unreachable (metadata request timed out)")
         else:
-            self.service.set_ready(bool(self.joins), "assigned" if self.joins else "no partitions assigned")
+            self.check_broker(bool(self.joins), "assigned" if self.joins else "no partitions assigned")
         started = time.perf_counter()
         trained = 0
         for join in self.joins.values():
@@ -290,13 +246,12 @@ class StudentWorker:
         if trained:
             elapsed = time.perf_counter() - started
             self.busy_s += elapsed
-            m.STUDENT_THROUGHPUT.labels(self.name).set(self._throughput.update(trained, elapsed))
+            m.STUDENT_THROUGHPUT.labels(self.name).set(self.throughput.update(trained, elapsed))
         self._backpressure()
         if self._checkpoint_due():
             self.checkpoint()
         if self.progress.due(self.counts["examples_trained"]):
-            self.progress.write(self.snapshot(), self.counts["examples_trained"])
-            self._export_gauges()
+            self.write_progress()
         return True
 
     def _on_examples(self, msg, join: PartitionJoin, now: float) -> None:
@@ -349,7 +304,7 @@ class StudentWorker:
 
     def _label_matches(self, r: Ready) -> bool:
         assert r.label is not None
-        label, batch = r.label.label, r.examples.batch
+        label, batch = r.label.batch, r.examples.batch
         if label.size == batch.size and label.example_ids_checksum == ids_checksum(batch.example_ids):
             return True
         if r.label.message is not None:
@@ -366,7 +321,7 @@ class StudentWorker:
     def _train_one(self, r: Ready) -> Trained:
         """One learning step on one batch, with the gate's soft weights of the moment."""
         batch = r.examples.batch
-        teacher = r.label.label.logits if r.label is not None else None
+        teacher = r.label.batch.logits if r.label is not None else None
         if self.null:  # transport benchmark: no forward pass, no training
             return Trained(batch.labels, teacher, None)
         scored = self.learner.step(self.learner.tensors(batch), teacher, self.sc.soft_weight, self.gate.fractions())
@@ -403,6 +358,9 @@ class StudentWorker:
             self.recent_outcomes.append(has_label)
             if has_label:
                 m.STUDENT_LABEL_DELAY.labels(self.name).observe(max(0.0, r.label.arrived - r.examples.arrived))
+                label = r.label.batch  # how far its checkpoint was behind the batch (0 from one teacher)
+                behind = (label.source_offset - label.watermark) * label.size
+                m.STUDENT_LABEL_STALENESS.labels(self.name).observe(behind)
         n_joined = len(joined)
         n_missing = len(ready) - n_joined
         n = int(labels.shape[0])
@@ -436,16 +394,13 @@ class StudentWorker:
         for topic in (topics.examples, topics.labels):
             m.STUDENT_PAUSED.labels(self.name, topic).set(sum(1 for t, _ in self.paused if t == topic))
 
-    def _export_gauges(self) -> None:
-        export_lag(self.consumer, self.role, self.name)
+    def progress_count(self) -> int:
+        return self.counts["examples_trained"]
 
     def snapshot(self) -> dict:
         snap = self.evaluator.snapshot()
-        for task, heads in snap.items():
-            for head, windows in heads.items():
-                for window, values in windows.items():
-                    for metric, value in values.items():
-                        m.STUDENT_METRIC.labels(self.name, task, head, metric, window).set(value)
+        for task, head, metric, window, value in self.evaluator.values(snap):
+            m.STUDENT_METRIC.labels(self.name, task, head, metric, window).set(value)
         return {
             "role": self.role,
             "name": self.name,
@@ -474,22 +429,13 @@ class StudentWorker:
             for i, lead, w in zip(self.distilled, self.gate.leads(), self.gate.weights(), strict=True)
         }
 
-    def close(self) -> None:
-        try:
-            # Pending batches are not trained here: their offsets stay uncommitted and are
-            # replayed on the next start (with their labels, which are re-read too).
-            if self.batches_since_ckpt or self.version == 0:
-                self.checkpoint()
-            self.progress.write_summary(self.snapshot())
-        finally:
-            self.consumer.close()
-            self.producer.flush(10)
+    def finish(self) -> None:
+        # Pending batches are not trained here: their offsets stay uncommitted and are
+        # replayed on the next start (with their labels, which are re-read too).
+        if self.batches_since_ckpt or self.version == 0:
+            self.checkpoint()
 
 
 def run_student(config: Config, name: str) -> None:
     """Run until SIGTERM/SIGINT: the entry point of ``distill student --name NAME``."""
-    worker = StudentWorker(config, name)
-    worker.service.install_signal_handlers()
-    worker.service.start_http()
-    worker.start()
-    worker.service.run(worker.step, worker.close)
+    run_worker(StudentWorker(config, name))

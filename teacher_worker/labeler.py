@@ -10,7 +10,12 @@ transaction per step with the examples offsets (exactly-once), same partition nu
 batch id, the checkpoint's version and its watermark.
 
 A batch with no eligible checkpoint known yet (a labeler that has not read the announcements
-that far) is not labelled: its partition is rewound to it and tried again on the next step.
+that far) is not labelled: its partition is rewound to it and tried again on the next step. So
+is a batch whose newest eligible checkpoint is more than ``max_label_staleness_examples`` behind
+it while the trainer has not trained past it: the labels stay within that distance of what one
+teacher would give, and the labelers go at the trainer's pace (which publishes early when they
+wait). Once the trainer has passed a batch no fresher out-of-sample checkpoint can come, and
+the newest one labels it (``distill_teacher_stale_labels_total``).
 """
 
 from __future__ import annotations
@@ -19,34 +24,20 @@ import logging
 import time
 from collections import OrderedDict, defaultdict
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from distill.core import metrics as m
 from distill.core.config import Config
-from distill.core.dead_letters import DeadLetters
 from distill.core.exceptions import CheckpointError, DecodeError
-from distill.core.kafka import (
-    BrokerProbe,
-    Clients,
-    abort_and_rewind,
-    consume_available,
-    ensure_topics,
-    export_lag,
-    fenced,
-    fenced_error,
-    is_retriable,
-    needs_abort,
-    partitions_at,
-    seek_to,
-    without_errors,
-)
+from distill.core.kafka import consume_available, ensure_topics, seek_to
 from distill.core.layout import check_layout
 from distill.core.model_store import ModelStore
-from distill.core.progress import ProgressLog
 from distill.core.service import Service
-from distill.core.wire import CheckpointAnnouncement, Codec, ExampleBatch, LabelBatch
+from distill.core.wire import CheckpointAnnouncement, ExampleBatch, LabelBatch
+from distill.core.worker import Worker, run_worker
 from distill.learn.models import RankingModel, batch_tensors, resolve_device
 from distill.learn.step import predict
+from teacher_worker.labels import LabelTransactions
 from teacher_worker.out_of_sample import newest_eligible
 
 log = logging.getLogger(__name__)
@@ -59,37 +50,22 @@ TRANSACTION_TIMEOUT_MS = 15_000
 RETRY_FAILED_S = 10.0
 
 
-class Labeler:
+class Labeler(Worker):
     role = "teacher"
 
     def __init__(self, config: Config, service: Service | None = None):
-        self.config = config
         tc = config.teacher
+        super().__init__(config, tc.name, port=tc.metrics_port, service=service)
         self.pool = tc.pool
-        self.name = tc.name
-        self.service = service or Service(self.role, self.name, port=tc.metrics_port)
         self.device = resolve_device(tc.device)
-        self.task_names = [t.name for t in config.tasks]
-        self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
-        self.clients = Clients(config.kafka, f"teacher.{self.name}")
         self.store = ModelStore(config.model_store())
-        self.progress = ProgressLog(config.progress_dir(), self.role, self.name)
         self.announcements: list[CheckpointAnnouncement] = []  # increasing version
         self.history: list[tuple[int, dict[int, int]]] = []  # (version, watermark) of each of them
         self.models: OrderedDict[int, RankingModel] = OrderedDict()  # version -> loaded, oldest first
         self.failed: dict[int, float] = {}  # version -> when its file last failed to load
-        self.assigned: set[int] = set()
         self.examples_labeled = 0
         self.versions_used: dict[int, int] = defaultdict(int)  # version -> label batches
-        self.busy_s = 0.0
-        self.probe = BrokerProbe()
-        self._throughput = m.Throughput()
-        for counter in (
-            m.TEACHER_NO_CHECKPOINT.labels(self.name),
-            m.TEACHER_TRANSACTIONS.labels(self.name, "commit"),
-            m.TEACHER_TRANSACTIONS.labels(self.name, "abort"),
-        ):
-            counter.inc(0)
+        m.TEACHER_NO_CHECKPOINT.labels(self.name).inc(0)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _read_announcements(self, timeout: float = 0.0) -> int:
@@ -167,16 +143,20 @@ class Labeler:
             i = newest_eligible(history[:i], partition, offset)
         return None
 
+    def _trained_past(self, partition: int, offset: int) -> bool:
+        """Whether the newest announced checkpoint has trained on the batch at ``offset``: no
+        later checkpoint can label it out-of-sample then."""
+        return bool(self.announcements) and self.announcements[-1].trained_through(partition) > offset
+
     # -- Kafka -------------------------------------------------------------------------------
     def start(self) -> None:
         topics = self.config.topics
         ensure_topics(self.config, self.clients.admin(), seconds=None)
-        self.producer = self.clients.producer(
-            transactional_id=f"{self.pool.labeler_group_id}.{self.name}",
+        self.labels = LabelTransactions(
+            self,
+            f"{self.pool.labeler_group_id}.{self.name}",
             **{"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS},
         )
-        self.producer.init_transactions(60)
-        self.dead_letters = DeadLetters(self.producer, self.codec, self.role, self.name)
         # Every announcement from the start, assigned and never committed: each labeler needs all.
         self.announcer = self.clients.consumer(f"{self.pool.labeler_group_id}.{self.name}.announcements")
         self.announcer.assign([TopicPartition(topics.checkpoints, 0, OFFSET_BEGINNING)])
@@ -185,54 +165,34 @@ class Labeler:
             self.service.heartbeat()  # alive, only not ready: a trainer that starts later is waited for
             self._read_announcements(timeout=1.0)
         self.consumer = self.clients.consumer(self.pool.labeler_group_id)
-        self.consumer.subscribe(
-            [topics.examples], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
-        )
+        self.subscribe([topics.examples])
         # Ready means connected with a model, able to take partitions: with more labelers than
         # partitions (a surge pod at the top of the KEDA range) one owns none and must still be
         # ready, or the rollout waits for it forever. Ownership is a metric.
         m.TEACHER_ASSIGNED_PARTITIONS.labels(self.name).set(0)
         self.service.set_ready(True, "connected, waiting for partitions")
 
-    def _on_assign(self, consumer, partitions) -> None:
-        for tp in partitions:
-            self.assigned.add(tp.partition)
-        consumer.incremental_assign(partitions)
-        log.info("partitions assigned", extra={"partitions": sorted(self.assigned)})
-        m.TEACHER_ASSIGNED_PARTITIONS.labels(self.name).set(len(self.assigned))
-
-    def _on_revoke(self, consumer, partitions) -> None:
-        for tp in partitions:
-            self.assigned.discard(tp.partition)
-        consumer.incremental_unassign(partitions)
+    def assignment_changed(self) -> None:
+        # Ready whether or not it owns partitions (see start); ownership is the metric.
         m.TEACHER_ASSIGNED_PARTITIONS.labels(self.name).set(len(self.assigned))
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
         self._read_announcements()
-        msgs = consume_available(
-            self.consumer, self.config.teacher.max_batches_per_step, self.config.teacher.poll_timeout_s
-        )
-        records = without_errors(msgs, lambda reason: self.service.set_ready(False, reason))
+        records = self.poll(self.config.teacher.max_batches_per_step, self.config.teacher.poll_timeout_s)
         if not records:
             self._idle()
             return True
         started = time.perf_counter()
         self.service.set_ready(True, "labelling")
         labelled: list[tuple[object, ExampleBatch, CheckpointAnnouncement]] = []
-        try:
-            rewind = self._transaction(records, labelled)
-        except Exception as exc:
-            if fenced(exc):
-                raise fenced_error(f"{self.pool.labeler_group_id}.{self.name}", "teacher.name") from None
-            if not needs_abort(exc) and not is_retriable(exc):
-                raise
-            log.warning("transaction failed, aborting and rewinding", extra={"error": str(exc)})
-            self._abort_and_rewind(records)
+        rewind: dict[int, int] = {}  # partition -> first batch with no out-of-sample checkpoint yet
+        if not self.transact(lambda: rewind.update(self._transaction(records, labelled)), lambda: self._abort(records)):
             return True
         if rewind:
             seek_to(self.consumer, self.config.topics.examples, rewind)
             if not labelled:  # only waiting batches: give the announcements time to arrive
+                self.service.set_ready(True, "waiting for a fresh enough checkpoint from the trainer")
                 time.sleep(self.config.teacher.poll_timeout_s)
         n = sum(b.size for _, b, _ in labelled)
         self.examples_labeled += n
@@ -247,9 +207,9 @@ class Labeler:
         elapsed = time.perf_counter() - started
         self.busy_s += elapsed
         m.TEACHER_STEP_SECONDS.labels(self.name).observe(elapsed)
-        m.TEACHER_THROUGHPUT.labels(self.name).set(self._throughput.update(n, elapsed))
+        m.TEACHER_THROUGHPUT.labels(self.name).set(self.throughput.update(n, elapsed))
         if self.progress.due(self.examples_labeled):
-            self._write_progress()
+            self.write_progress()
         return True
 
     def _transaction(self, records: list, labelled: list) -> dict[int, int]:
@@ -258,7 +218,7 @@ class Labeler:
         rewind: dict[int, int] = {}
         done: dict[int, int] = {}  # partition -> next offset (labelled or dead-lettered)
         groups: dict[int, list[tuple[object, ExampleBatch, CheckpointAnnouncement]]] = defaultdict(list)
-        self.producer.begin_transaction()
+        self.labels.begin()
         for msg in records:
             p, o = msg.partition(), msg.offset()
             if p in rewind:
@@ -267,7 +227,7 @@ class Labeler:
                 batch = self.codec.decode_examples(msg.value(), msg.headers())
                 check_layout(batch, self.config)
             except DecodeError as exc:
-                self.dead_letters.send(msg, exc)
+                self.labels.dead(msg, exc)
                 done[p] = o + 1
                 continue
             found = self._eligible(p, o)
@@ -276,19 +236,20 @@ class Labeler:
                 m.TEACHER_NO_CHECKPOINT.labels(self.name).inc()
                 continue
             a, _ = found
+            if (o - a.trained_through(p)) * batch.size > self.pool.max_label_staleness_examples:
+                if not self._trained_past(p, o):  # a fresher out-of-sample checkpoint can still come
+                    rewind[p] = o
+                    m.TEACHER_STALE_WAITS.labels(self.name).inc()
+                    continue
+                m.TEACHER_STALE_LABELS.labels(self.name).inc()
             groups[a.version].append((msg, batch, a))
             done[p] = o + 1
         for version, items in sorted(groups.items()):
             self._publish_labels(self.models[version], items)
             labelled.extend(items)
-        if done:
-            self.producer.send_offsets_to_transaction(
-                partitions_at(self.config.topics.examples, done), self.consumer.consumer_group_metadata(), 30
-            )
-        self.producer.commit_transaction(60)
-        m.TEACHER_TRANSACTIONS.labels(self.name, "commit").inc()
+        self.labels.commit(done)
         if rewind:
-            log.warning("no out-of-sample checkpoint known yet for some batches", extra={"rewind": rewind})
+            log.info("waiting for a fresh enough out-of-sample checkpoint", extra={"rewind": rewind})
         return rewind
 
     def _publish_labels(self, model: RankingModel, items: list) -> None:
@@ -302,10 +263,7 @@ class Labeler:
             start += batch.size
             p = msg.partition()
             label = LabelBatch.of(batch, msg, a.version, a.trained_through(p), self.task_names, chunk, now_ms)
-            value, headers = self.codec.encode_labels(label)
-            self.producer.produce(
-                self.config.topics.labels, value=value, key=batch.batch_id.encode(), partition=p, headers=headers
-            )
+            self.labels.label(label, p)
 
     def _observe_staleness(self, msg, batch: ExampleBatch, a: CheckpointAnnouncement) -> None:
         p = msg.partition()
@@ -315,18 +273,18 @@ class Labeler:
         if trained_ts is not None and ts > 0:
             m.TEACHER_STALENESS_SECONDS.labels(self.name).observe(max(0.0, (ts - trained_ts) / 1000))
 
-    def _abort_and_rewind(self, records: list) -> None:
-        m.TEACHER_TRANSACTIONS.labels(self.name, "abort").inc()
-        abort_and_rewind(self.producer, self.consumer, self.config.topics.examples, records)
+    def _abort(self, records: list) -> None:
+        """Abort, then read the step's batches again: the next step labels them anew."""
+        self.labels.abort()
+        self.rewind(self.config.topics.examples, records)
 
     def _idle(self) -> None:
-        if not self.probe.check(self.consumer):
-            self.service.set_ready(False, "broker unreachable (metadata request timed out)")
-        else:
-            self.service.set_ready(True, f"connected, {len(self.assigned)} partitions assigned")
+        self.check_broker(True, f"connected, {len(self.assigned)} partitions assigned")
         if self.progress.due():
-            self._write_progress()
-            export_lag(self.consumer, self.role, self.name)
+            self.write_progress()
+
+    def progress_count(self) -> int:
+        return self.examples_labeled
 
     def snapshot(self) -> dict:
         return {
@@ -342,26 +300,10 @@ class Labeler:
             "examples_per_s": self.examples_labeled / self.busy_s if self.busy_s else 0.0,
         }
 
-    def _write_progress(self) -> None:
-        self.progress.write(self.snapshot(), self.examples_labeled)
-
-    def close(self) -> None:
-        try:
-            self.progress.write_summary(self.snapshot())
-        finally:
-            if hasattr(self, "consumer"):
-                self.consumer.close()
-            self.announcer.close()
-            try:
-                self.producer.flush(10)
-            except KafkaException as exc:  # a fenced producer: the error that stopped us says why
-                log.warning("producer flush failed on close", extra={"error": str(exc)})
+    def consumers(self) -> list:
+        return [*super().consumers(), self.announcer]
 
 
 def run_labeler(config: Config) -> None:
     """Run until SIGTERM/SIGINT: the entry point of ``distill teacher --role labeler``."""
-    labeler = Labeler(config)
-    labeler.service.install_signal_handlers()
-    labeler.service.start_http()
-    labeler.start()
-    labeler.service.run(labeler.step, labeler.close)
+    run_worker(Labeler(config))

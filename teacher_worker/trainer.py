@@ -31,19 +31,14 @@ from distill.core.checkpoint import Checkpointer
 from distill.core.config import Config
 from distill.core.exceptions import CheckpointError, DecodeError
 from distill.core.kafka import (
-    BrokerProbe,
-    Clients,
-    consume_available,
     ensure_topics,
-    export_lag,
     partition_count,
-    without_errors,
 )
 from distill.core.layout import check_layout
 from distill.core.model_store import ModelStore
-from distill.core.progress import ProgressLog
 from distill.core.service import Service, configure_logging
-from distill.core.wire import CheckpointAnnouncement, Codec, ExampleBatch
+from distill.core.wire import CheckpointAnnouncement, ExampleBatch
+from distill.core.worker import Worker, run_worker
 from distill.learn.evaluation import ProgressiveEvaluator
 from distill.learn.models import weights_finite
 from distill.learn.step import Learner, Objective
@@ -65,29 +60,23 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-class Trainer:
+class Trainer(Worker):
     role = "teacher"
 
     def __init__(self, config: Config, ranks: Ranks, device: torch.device, service: Service | None = None):
-        self.config = config
         tc = config.teacher
+        name = tc.name if ranks.world == 1 else f"{tc.name}.rank{ranks.rank}"
+        port = tc.metrics_port + ranks.rank if tc.metrics_port else 0
+        super().__init__(config, name, port=port, service=service)
         self.pool = tc.pool
         self.ranks = ranks
         self.device = device
-        self.name = tc.name if ranks.world == 1 else f"{tc.name}.rank{ranks.rank}"
-        port = tc.metrics_port + ranks.rank if tc.metrics_port else 0
-        self.service = service or Service(self.role, self.name, port=port)
         # The same seed on every rank: identical initial weights. Collective steps with ranks.
         reduce = ranks.all_reduce if ranks.world > 1 else None
         self.learner = Learner.build(config, tc.model, Objective.teacher(config), device, all_reduce=reduce)
         self.model, self.optimizer = self.learner.model, self.learner.optimizer
-        self.kinds = [t.type for t in config.tasks]
-        self.task_names = [t.name for t in config.tasks]
-        self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
-        self.clients = Clients(config.kafka, f"teacher.{self.name}")
         self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, tc.name), tc.checkpoint.keep)
         self.store = ModelStore(config.model_store())
-        self.progress = ProgressLog(config.progress_dir(), self.role, self.name)
         self.evaluator = ProgressiveEvaluator(self.task_names, self.kinds)
         self.version = 0
         self.trained_through: dict[int, int] = {}  # this rank's partitions -> next offset to train
@@ -102,11 +91,12 @@ class Trainer:
         self.paused = False  # by the lead bound (every rank)
         self.idle_everywhere = True  # no rank had a batch at the last step
         self.pause_wanted = False  # rank 0's latest decision
+        # This rank's partitions -> trained-through offset of the last publish, and the size of
+        # the last batch trained: together they keep labels within max_label_staleness_examples.
+        self.published_through: dict[int, int] = {}
+        self.batch_size = 0
         self.last_lead_check = float("-inf")
         self.partitions: list[int] = []
-        self.busy_s = 0.0
-        self.probe = BrokerProbe()
-        self._throughput = m.Throughput()
         m.TEACHER_NAN.labels(self.name).inc(0)
         m.TEACHER_PAUSED.labels(self.name).set(0)
         self._restore()
@@ -120,8 +110,7 @@ class Trainer:
             log.info("no checkpoint: starting a fresh teacher")
             return
         _, state = found
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.learner.load_state_dict(state)
         self.version = state["version"]
         self.trained_through = {int(p): int(o) for p, o in state["trained_through"].items()}
         self.trained_time = {int(p): int(t) for p, t in state.get("trained_time", {}).items()}
@@ -137,8 +126,7 @@ class Trainer:
             self.version,
             {
                 "version": self.version,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                **self.learner.state_dict(),
                 "trained_through": watermark,
                 "trained_time": times,
                 "history": self.history,
@@ -163,6 +151,9 @@ class Trainer:
             ]
         )
         self.trained_through = {p: o for p, o in self.trained_through.items() if p in self.partitions}
+        # What the last published checkpoint trained through here (nothing on a fresh start).
+        published = self.history[-1][1] if self.history else {}
+        self.published_through = {p: o for p, o in published.items() if p in self.partitions}
         if self.ranks.leader:
             self.producer = self.clients.producer()
             # Never joins the labelers' group: only reads its committed offsets.
@@ -220,8 +211,9 @@ class Trainer:
         ctl[_EXAMPLES] = local.size if local is not None else 0
         ctl[_BATCHES] = 1 if local is not None else 0
         ctl[_STOP] = 1 if self.service.stopping.is_set() else 0
+        ctl[_PUBLISH] = 1 if self._fresh_labels_due() else 0  # any rank may ask for a publish
         if self.ranks.leader:
-            ctl[_PUBLISH] = 1 if self._publish_due() else 0
+            ctl[_PUBLISH] += 1 if self._publish_due() else 0
             ctl[_PAUSE] = 1 if self.pause_wanted else 0
         examples, batches, stop, publish, pause = (int(x) for x in self.ranks.all_reduce(ctl).tolist())
         self.idle_everywhere = batches == 0
@@ -237,7 +229,7 @@ class Trainer:
             elapsed = time.perf_counter() - started
             self.busy_s += elapsed
             m.TEACHER_STEP_SECONDS.labels(self.name).observe(elapsed)
-            m.TEACHER_THROUGHPUT.labels(self.name).set(self._throughput.update(batch.size if batch else 0, elapsed))
+            m.TEACHER_THROUGHPUT.labels(self.name).set(self.throughput.update(batch.size if batch else 0, elapsed))
         elif self.paused:
             time.sleep(self.config.teacher.poll_timeout_s)
         published = bool(publish or (stop and self.batches_since_publish))
@@ -249,7 +241,7 @@ class Trainer:
         if self.ranks.leader and (published or time.monotonic() - self.last_lead_check >= self.pool.lead_check_seconds):
             self._check_lead()
         if self.progress.due(self.examples_trained):
-            self._write_progress()
+            self.write_progress()
         return True
 
     def _refill(self) -> None:
@@ -259,7 +251,7 @@ class Trainer:
         # Wait for data only when no rank had any at the last step: a rank whose partitions ran
         # dry must not hold the busy ones up by its poll timeout at every collective step.
         timeout = self.config.teacher.poll_timeout_s if not self.buffer and self.idle_everywhere else 0.0
-        msgs = without_errors(consume_available(self.consumer, want, timeout), self._not_ready)
+        msgs = self.poll(want, timeout)
         for msg in msgs:
             try:
                 batch = self.codec.decode_examples(msg.value(), msg.headers())
@@ -270,13 +262,9 @@ class Trainer:
                 batch = None
             self.buffer.append((msg, batch))
         if not msgs and not self.buffer:
-            reachable = self.probe.check(self.consumer)
-            self.service.set_ready(reachable, "idle" if reachable else "broker unreachable (metadata timed out)")
+            self.check_broker(True, "idle")
         elif msgs:
             self.service.set_ready(True, "training")
-
-    def _not_ready(self, reason: str) -> None:
-        self.service.set_ready(False, reason)
 
     def _set_paused(self, paused: bool) -> None:
         if paused == self.paused:
@@ -296,6 +284,8 @@ class Trainer:
             self.evaluator.update("main", scored.main, batch.labels)
             for (i, _head), value in scored.losses.items():
                 m.TEACHER_LOSS.labels(self.name, self.task_names[i]).set(value.item())
+        if batch is not None:
+            self.batch_size = batch.size
         if batch is not None and scored is not None and scored.stepped:
             self.examples_trained += batch.size
             m.TEACHER_TRAINED.labels(self.name).inc(batch.size)
@@ -310,9 +300,17 @@ class Trainer:
             or time.monotonic() - self.last_publish >= self.pool.publish_every_seconds
         )
 
+    def _fresh_labels_due(self) -> bool:
+        """A partition of this rank has trained half the staleness bound past the last publish.
+        Publishing then, a batch the trainer has passed always has an out-of-sample checkpoint
+        within half the bound, and labelers waiting ahead of the trainer go on at its pace."""
+        half = max(1, self.pool.max_label_staleness_examples // max(1, self.batch_size or 256) // 2)
+        return any(o - self.published_through.get(p, 0) >= half for p, o in self.trained_through.items())
+
     def _publish(self) -> None:
         """Collective: gather every rank's offsets; rank 0 checkpoints, stores and announces."""
         shares = self.ranks.gather((dict(self.trained_through), dict(self.trained_time), self.examples_trained))
+        self.published_through = dict(self.trained_through)
         self.batches_since_publish = 0
         self.last_publish = time.monotonic()
         if not weights_finite(self.model):  # the same weights on every rank: the same decision
@@ -362,10 +360,7 @@ class Trainer:
     # -- reporting -------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         snap = self.evaluator.snapshot()
-        for task, heads in snap.items():
-            for window, values in heads.get("main", {}).items():
-                for metric, value in values.items():
-                    m.TEACHER_METRIC.labels(self.name, task, metric, window).set(value)
+        m.set_teacher_metrics(self.name, self.evaluator.values(snap))
         return {
             "role": self.role,
             "teacher_role": "trainer",
@@ -382,18 +377,19 @@ class Trainer:
             "metrics": snap,
         }
 
-    def _write_progress(self) -> None:
-        export_lag(self.consumer, self.role, self.name)
-        self.progress.write(self.snapshot(), self.examples_trained)
+    def progress_count(self) -> int:
+        return self.examples_trained
+
+    def summary(self) -> dict:
+        return {**self.snapshot(), "weights_sha256": weights_digest(self.model)}
+
+    def consumers(self) -> list:
+        return [*super().consumers(), *([self.lead_reader] if self.ranks.leader else [])]
 
     def close(self) -> None:
         try:
-            self.progress.write_summary({**self.snapshot(), "weights_sha256": weights_digest(self.model)})
+            super().close()
         finally:
-            self.consumer.close()
-            if self.ranks.leader:
-                self.lead_reader.close()
-                self.producer.flush(10)
             self.ranks.close()
 
 
@@ -402,10 +398,6 @@ def run_trainer(config: Config) -> None:
     ranks, device = Ranks.from_env(config.teacher)
     name = config.teacher.name if ranks.world == 1 else f"{config.teacher.name}.rank{ranks.rank}"
     configure_logging("teacher", name)
-    trainer = Trainer(config, ranks, device)
-    trainer.service.install_signal_handlers()
-    trainer.service.start_http()
-    trainer.start()
     # Collective: the loop ends when the step says so (every rank at the same step), not
     # when this rank's own stop flag is set.
-    trainer.service.run(trainer.step, trainer.close, collective=True)
+    run_worker(Trainer(config, ranks, device), collective=True)

@@ -26,43 +26,23 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import KafkaException, Message
+from confluent_kafka import Message
 
 from distill.core import metrics as m
 from distill.core.checkpoint import Checkpointer
 from distill.core.config import Config
-from distill.core.dead_letters import DeadLetters
 from distill.core.exceptions import DecodeError
-from distill.core.kafka import (
-    BrokerProbe,
-    Clients,
-    consume_available,
-    ensure_topics,
-    export_lag,
-    fenced,
-    fenced_error,
-    is_retriable,
-    needs_abort,
-    partitions_at,
-    seek_to,
-    without_errors,
-)
+from distill.core.kafka import ensure_topics
 from distill.core.layout import check_layout
-from distill.core.progress import ProgressLog
 from distill.core.service import Service
-from distill.core.wire import Codec, ExampleBatch, LabelBatch
+from distill.core.wire import ExampleBatch, LabelBatch
+from distill.core.worker import Worker, run_worker
 from distill.learn.evaluation import ProgressiveEvaluator
 from distill.learn.models import resolve_device, weights_finite
 from distill.learn.step import Learner, Objective
+from teacher_worker.labels import LabelTransactions
 
 log = logging.getLogger(__name__)
-
-
-def _first_offsets(records: list[Message]) -> dict[int, int]:
-    first: dict[int, int] = {}
-    for msg in records:
-        first.setdefault(msg.partition(), msg.offset())
-    return first
 
 
 @dataclass
@@ -84,62 +64,33 @@ class Outbox:
         self.dead = [(r, e) for r, e in self.dead if r.partition() in partitions]
 
 
-class TeacherWorker:
+class TeacherWorker(Worker):
     role = "teacher"
 
     def __init__(self, config: Config, service: Service | None = None):
-        self.config = config
         tc = config.teacher
-        self.name = tc.name
-        self.service = service or Service(self.role, self.name, port=tc.metrics_port)
+        super().__init__(config, tc.name, port=tc.metrics_port, service=service)
         self.device = resolve_device(tc.device)
         self.learner = Learner.build(config, tc.model, Objective.teacher(config), self.device)
         self.model, self.optimizer = self.learner.model, self.learner.optimizer
-        self.kinds = [t.type for t in config.tasks]
-        self.task_names = [t.name for t in config.tasks]
         # model.kind "null" (transport benchmark): zero logits, no forward pass, no training.
         self.null = tc.model.kind == "null"
-        self.codec = Codec(config.wire.non_finite, config.wire.max_message_bytes)
-        self.clients = Clients(config.kafka, f"teacher.{self.name}")
         self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, self.name), tc.checkpoint.keep)
-        self.progress = ProgressLog(config.progress_dir(), self.role, self.name)
         self.evaluator = ProgressiveEvaluator(self.task_names, self.kinds)
-        self.version = 0
-        self.trained_through: dict[int, int] = {}  # partition -> next example offset to train
-        self.examples_labeled = 0
-        self.examples_trained = 0
+        state = self.restore(self.checkpointer, self.learner)  # {} on a fresh start
+        self.version: int = state.get("version", 0)
+        # partition -> next example offset to train (the checkpoint's win over the group's)
+        self.trained_through = {int(p): int(o) for p, o in state.get("trained_through", {}).items()}
+        self.examples_labeled: int = state.get("examples_labeled", 0)
+        self.examples_trained: int = state.get("examples_trained", 0)
+        self.evaluator.load_state_dict(state.get("evaluator", {}))
         self.batches_since_ckpt = 0
         self.last_ckpt = time.monotonic()
-        self.assigned: set[int] = set()
         self.outbox: Outbox | None = None  # labels whose transaction has not committed yet
-        self.busy_s = 0.0
-        self._throughput = m.Throughput()
-        self.probe = BrokerProbe()
-        for counter in (
-            m.TEACHER_NAN.labels(self.name),
-            m.TEACHER_TRANSACTIONS.labels(self.name, "commit"),
-            m.TEACHER_TRANSACTIONS.labels(self.name, "abort"),
-        ):
-            counter.inc(0)  # exported at 0 from the start, so increase() alerts see the first one
-        self._restore()
+        m.TEACHER_VERSION.labels(self.name).set(self.version)
+        m.TEACHER_NAN.labels(self.name).inc(0)  # exported at 0 from the start, so increase() alerts see the first one
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _restore(self) -> None:
-        found = self.checkpointer.load_latest()
-        if found is None:
-            log.info("no checkpoint: starting a fresh teacher")
-            return
-        version, state = found
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.version = state["version"]
-        self.trained_through = {int(p): int(o) for p, o in state["trained_through"].items()}
-        self.examples_labeled = state.get("examples_labeled", 0)
-        self.examples_trained = state.get("examples_trained", 0)
-        self.evaluator.load_state_dict(state.get("evaluator", {}))
-        m.TEACHER_VERSION.labels(self.name).set(self.version)
-        log.info("restored checkpoint", extra={"version": version, "offsets": self.trained_through})
-
     def checkpoint(self) -> None:
         if not weights_finite(self.model):
             log.error("weights are not finite: checkpoint skipped (the last good one stays)")
@@ -151,8 +102,7 @@ class TeacherWorker:
             self.version,
             {
                 "version": self.version,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                **self.learner.state_dict(),
                 "trained_through": dict(self.trained_through),
                 "examples_labeled": self.examples_labeled,
                 "examples_trained": self.examples_trained,
@@ -173,42 +123,25 @@ class TeacherWorker:
 
     # -- Kafka -------------------------------------------------------------------------------
     def start(self) -> None:
-        topics = self.config.topics
         # A broker that is not there yet is waited for (not ready), never a crash loop.
         ensure_topics(self.config, self.clients.admin(), seconds=None)
-        self.producer = self.clients.producer(transactional_id=f"{self.config.teacher.group_id}.{self.name}")
-        self.producer.init_transactions(60)
-        self.dead_letters = DeadLetters(self.producer, self.codec, self.role, self.name)
+        self.labels = LabelTransactions(self, f"{self.config.teacher.group_id}.{self.name}")
         self.consumer = self.clients.consumer(self.config.teacher.group_id)
-        self.consumer.subscribe(
-            [topics.examples], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
-        )
+        self.subscribe([self.config.topics.examples])
 
-    def _on_assign(self, consumer, partitions) -> None:
-        # The checkpoint's offsets win over the group's committed ones.
+    def on_assign(self, partitions) -> None:
+        # The checkpoint's offsets win over the group's committed ones. Every step commits its
+        # own transaction, so nothing is pending when partitions go.
         for tp in partitions:
             if tp.partition in self.trained_through:
                 tp.offset = self.trained_through[tp.partition]
-            self.assigned.add(tp.partition)
-        consumer.incremental_assign(partitions)
-        log.info("partitions assigned", extra={"partitions": sorted(self.assigned)})
-        self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions")
-
-    def _on_revoke(self, consumer, partitions) -> None:
-        # Every step commits its own transaction, so nothing is pending between steps.
-        for tp in partitions:
-            self.assigned.discard(tp.partition)
-        consumer.incremental_unassign(partitions)
-        self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions assigned")
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
         if self.outbox is not None:  # an aborted transaction: send the same labels again
             return self._retry(self.outbox)
-        msgs = consume_available(
-            self.consumer, self.config.teacher.max_batches_per_step, self.config.teacher.poll_timeout_s
-        )
-        records = without_errors(msgs, lambda reason: self.service.set_ready(False, reason))
+        tc = self.config.teacher
+        records = self.poll(tc.max_batches_per_step, tc.poll_timeout_s)
         if not records:
             self._idle()
             return True
@@ -219,7 +152,7 @@ class TeacherWorker:
             self.busy_s += time.perf_counter() - started
             self._publish(outbox, started)
             if self.outbox is not None and records:  # aborted: the rest is read again later
-                seek_to(self.consumer, self.config.topics.examples, _first_offsets(records))
+                self.rewind(self.config.topics.examples, records)
                 break
         return True
 
@@ -267,15 +200,7 @@ class TeacherWorker:
         return np.ascontiguousarray(scored.main, dtype=np.float32)
 
     def _publish(self, outbox: Outbox, started: float | None = None) -> bool:
-        try:
-            self._transaction(outbox)
-        except Exception as exc:
-            if fenced(exc):
-                raise fenced_error(f"{self.config.teacher.group_id}.{self.name}", "teacher.name") from None
-            if not needs_abort(exc) and not is_retriable(exc):
-                raise
-            log.warning("transaction failed: aborting, then sending the same labels again", extra={"error": str(exc)})
-            self._abort(outbox)
+        if not self.transact(lambda: self._transaction(outbox), lambda: self._abort(outbox)):
             return True
         self.outbox = None
         # counted once the transaction has committed
@@ -290,19 +215,19 @@ class TeacherWorker:
         if started is not None:
             elapsed = time.perf_counter() - started
             m.TEACHER_STEP_SECONDS.labels(self.name).observe(elapsed)
-            m.TEACHER_THROUGHPUT.labels(self.name).set(self._throughput.update(outbox.examples, elapsed))
+            m.TEACHER_THROUGHPUT.labels(self.name).set(self.throughput.update(outbox.examples, elapsed))
         if self._checkpoint_due():
             self.checkpoint()
         if self.progress.due(self.examples_labeled):
-            self._write_progress()
+            self.write_progress()
         return True
 
     def _retry(self, outbox: Outbox) -> bool:
         # Serve rebalance callbacks first, so the labels of a revoked partition are dropped;
         # a record the poll returns is read again later (seek back to it).
+        assert self.consumer is not None
         time.sleep(self.config.teacher.poll_timeout_s)
-        msgs = [msg for msg in self.consumer.consume(1, 0) if msg.error() is None]
-        seek_to(self.consumer, self.config.topics.examples, {msg.partition(): msg.offset() for msg in msgs})
+        self.rewind(self.config.topics.examples, [msg for msg in self.consumer.consume(1, 0) if msg.error() is None])
         outbox.keep_only(self.assigned)
         if not outbox.records:
             self.outbox = None
@@ -310,58 +235,35 @@ class TeacherWorker:
         return self._publish(outbox)
 
     def _transaction(self, outbox: Outbox) -> None:
-        self.producer.begin_transaction()
+        self.labels.begin()
         for msg, exc in outbox.dead:
-            self.dead_letters.send(msg, exc)
+            self.labels.dead(msg, exc)
         for msg, label in outbox.labels:
-            value, headers = self.codec.encode_labels(label)
-            self.producer.produce(
-                self.config.topics.labels,
-                value=value,
-                key=label.batch_id.encode(),
-                partition=msg.partition(),
-                headers=headers,
-            )
-        offsets: dict[int, int] = {}
-        for msg in outbox.records:
-            offsets[msg.partition()] = msg.offset() + 1
-        self.producer.send_offsets_to_transaction(
-            partitions_at(self.config.topics.examples, offsets), self.consumer.consumer_group_metadata(), 30
-        )
-        self.producer.commit_transaction(60)
-        m.TEACHER_TRANSACTIONS.labels(self.name, "commit").inc()
+            self.labels.label(label, msg.partition())
+        self.labels.commit({msg.partition(): msg.offset() + 1 for msg in outbox.records})
 
     def _abort(self, outbox: Outbox) -> None:
         """Abort; keep the labels to send again, for the partitions this teacher still owns.
 
         Labels of a partition handed to another teacher are dropped: that one labels them with
         its own weights (which have not trained on them). The consumer does not seek back."""
-        m.TEACHER_TRANSACTIONS.labels(self.name, "abort").inc()
-        try:
-            self.producer.flush(10)  # abort purges unsent messages (see BROKER.md)
-            self.producer.abort_transaction(30)
-        except Exception as exc:
-            log.warning("abort failed", extra={"error": str(exc)})
+        self.labels.abort()
         outbox.keep_only(self.assigned)
         self.outbox = outbox if outbox.records else None
 
     def _idle(self) -> None:
-        if not self.probe.check(self.consumer):
-            self.service.set_ready(False, "broker unreachable (metadata request timed out)")
-        else:
-            self.service.set_ready(bool(self.assigned), "assigned" if self.assigned else "no partitions assigned")
+        self.check_broker(bool(self.assigned), "assigned" if self.assigned else "no partitions assigned")
         if self._checkpoint_due():
             self.checkpoint()
         if self.progress.due():
-            self._write_progress()
-            export_lag(self.consumer, self.role, self.name)
+            self.write_progress()
+
+    def progress_count(self) -> int:
+        return self.examples_labeled
 
     def snapshot(self) -> dict:
         snap = self.evaluator.snapshot()
-        for task, heads in snap.items():
-            for window, values in heads.get("main", {}).items():
-                for metric, value in values.items():
-                    m.TEACHER_METRIC.labels(self.name, task, metric, window).set(value)
+        m.set_teacher_metrics(self.name, self.evaluator.values(snap))
         return {
             "role": self.role,
             "name": self.name,
@@ -375,29 +277,14 @@ class TeacherWorker:
             "metrics": snap,
         }
 
-    def _write_progress(self) -> None:
-        self.progress.write(self.snapshot(), self.examples_labeled)
-
-    def close(self) -> None:
-        try:
-            if self.outbox is not None:
-                # Trained on batches whose labels are not out: a checkpoint would skip them.
-                log.warning("stopping with labels unpublished: they are labelled again after the restart")
-            elif self.batches_since_ckpt:
-                self.checkpoint()
-            self.progress.write_summary(self.snapshot())
-        finally:
-            self.consumer.close()
-            try:
-                self.producer.flush(10)
-            except KafkaException as exc:  # a fenced producer: the error that stopped us says why
-                log.warning("producer flush failed on close", extra={"error": str(exc)})
+    def finish(self) -> None:
+        if self.outbox is not None:
+            # Trained on batches whose labels are not out: a checkpoint would skip them.
+            log.warning("stopping with labels unpublished: they are labelled again after the restart")
+        elif self.batches_since_ckpt:
+            self.checkpoint()
 
 
 def run_teacher(config: Config) -> None:
     """Run until SIGTERM/SIGINT: the entry point of ``distill teacher``."""
-    worker = TeacherWorker(config)
-    worker.service.install_signal_handlers()
-    worker.service.start_http()
-    worker.start()
-    worker.service.run(worker.step, worker.close)
+    run_worker(TeacherWorker(config))

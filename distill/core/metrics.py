@@ -98,6 +98,16 @@ TEACHER_NO_CHECKPOINT = Counter(
     "Example batches put back because no out-of-sample checkpoint was known for them yet",
     ["teacher"],
 )
+TEACHER_STALE_WAITS = Counter(
+    "distill_teacher_stale_waits_total",
+    "Example batches put back to wait for a checkpoint within teacher.pool.max_label_staleness_examples",
+    ["teacher"],
+)
+TEACHER_STALE_LABELS = Counter(
+    "distill_teacher_stale_labels_total",
+    "Label batches from a checkpoint beyond max_label_staleness_examples (the trainer had passed the batch)",
+    ["teacher"],
+)
 TEACHER_PUBLISHED = Counter(
     "distill_teacher_checkpoints_published_total", "Checkpoints the trainer published and announced", ["teacher"]
 )
@@ -128,6 +138,12 @@ STUDENT_COVERAGE = Gauge(
 )
 STUDENT_LABEL_DELAY = Histogram(
     "distill_student_label_delay_seconds", "Label arrival minus example arrival", ["student"], buckets=DELAY_BUCKETS
+)
+STUDENT_LABEL_STALENESS = Histogram(
+    "distill_student_label_staleness_examples",
+    "Received label's batch offset minus its checkpoint's watermark, times the batch size (0: as fresh as one teacher)",
+    ["student"],
+    buckets=STALENESS_EXAMPLE_BUCKETS,
 )
 STUDENT_LOSS = Gauge("distill_student_loss", "Training loss of the last step", ["student", "task", "head"])
 STUDENT_SOFT_WEIGHT = Gauge(
@@ -213,3 +229,11 @@ EVENTS_REJECTED = Counter(
     "distill_events_rejected_total", "Events sent to the events topic's DLQ, by reason", ["producer", "reason"]
 )
 EVENTS_BUFFERED = Gauge("distill_events_buffered", "Events mapped and waiting for their batch", ["producer"])
+
+
+def set_teacher_metrics(teacher: str, values: list[tuple[str, str, str, str, float]]) -> None:
+    """``distill_teacher_metric`` from a teacher's progressive metrics (task, head, metric,
+    window, value): the main head's."""
+    for task, head, metric, window, value in values:
+        if head == "main":
+            TEACHER_METRIC.labels(teacher, task, metric, window).set(value)

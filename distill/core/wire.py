@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,9 @@ from distill.core.config import NonFinitePolicy
 from distill.core.exceptions import DecodeError
 
 SCHEMA_HEADER = "distill.schema"
-Headers = list[tuple[str, bytes | None]]
+# As confluent_kafka takes them; a message's own headers come back as a sequence of pairs.
+Headers = list[tuple[str, str | bytes | None]]
+ReadHeaders = Sequence[tuple[str, str | bytes | None]]
 
 _I64 = np.dtype("<i8")
 _F32 = np.dtype("<f4")
@@ -165,7 +168,7 @@ class Codec:
         fastavro.schemaless_writer(buf, schema.parsed, record)
         return buf.getvalue(), [(SCHEMA_HEADER, schema.fingerprint_hex.encode())]
 
-    def decode_record(self, value: bytes | None, headers: Headers | None, kind: str) -> dict:
+    def decode_record(self, value: bytes | None, headers: ReadHeaders | None, kind: str) -> dict:
         if value is None:
             raise DecodeError("empty", "message has no value")
         if self.max_message_bytes is not None and len(value) > self.max_message_bytes:
@@ -215,7 +218,7 @@ class Codec:
             },
         )
 
-    def decode_examples(self, value: bytes | None, headers: Headers | None) -> ExampleBatch:
+    def decode_examples(self, value: bytes | None, headers: ReadHeaders | None) -> ExampleBatch:
         r = self.decode_record(value, headers, "example_batch")
         n = r["num_examples"]
         if n < 0:
@@ -259,7 +262,7 @@ class Codec:
             },
         )
 
-    def decode_labels(self, value: bytes | None, headers: Headers | None) -> LabelBatch:
+    def decode_labels(self, value: bytes | None, headers: ReadHeaders | None) -> LabelBatch:
         r = self.decode_record(value, headers, "label_batch")
         n, t = r["num_examples"], len(r["task_names"])
         if n < 0:
@@ -298,7 +301,7 @@ class Codec:
             },
         )
 
-    def decode_announcement(self, value: bytes | None, headers: Headers | None) -> CheckpointAnnouncement:
+    def decode_announcement(self, value: bytes | None, headers: ReadHeaders | None) -> CheckpointAnnouncement:
         r = self.decode_record(value, headers, "checkpoint_announcement")
         if r["version"] < 0:
             raise DecodeError("bad_column", f"checkpoint version is negative ({r['version']})")
@@ -319,5 +322,5 @@ class Codec:
     def encode_dead_letter(self, record: dict) -> tuple[bytes, Headers]:
         return self.encode_record(self._dead, record)
 
-    def decode_dead_letter(self, value: bytes | None, headers: Headers | None) -> dict:
+    def decode_dead_letter(self, value: bytes | None, headers: ReadHeaders | None) -> dict:
         return self.decode_record(value, headers, "dead_letter")

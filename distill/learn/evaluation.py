@@ -158,6 +158,18 @@ class ProgressiveEvaluator:
             out.setdefault(task, {})[head] = {"cumulative": m.cumulative(), "windowed": m.windowed()}
         return out
 
+    @staticmethod
+    def values(snapshot: dict) -> list[tuple[str, str, str, str, float]]:
+        """Every figure of a ``snapshot()`` as (task, head, metric, window, value): what the
+        workers export as gauges."""
+        return [
+            (task, head, metric, window, value)
+            for task, heads in snapshot.items()
+            for head, windows in heads.items()
+            for window, values in windows.items()
+            for metric, value in values.items()
+        ]
+
     def state_dict(self) -> dict:
         return {f"{t}|{h}": m.state_dict() for (t, h), m in self.metrics.items()}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,6 +142,15 @@ class Learner:
 
     def tensors(self, batch: ExampleBatch) -> Batch:
         return self.columns.batch(batch, self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint entries of the model and its optimizers."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """From a checkpoint's state (written by any version: the model takes old layouts)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def step(
         self,

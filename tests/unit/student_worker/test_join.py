@@ -59,7 +59,7 @@ def test_examples_then_label_join(examples):
     ready = join.pop_ready(now=2.0)
     assert outcomes(ready) == [("joined", 0)]
     assert ready[0].examples.batch is b
-    assert ready[0].label.label.batch_id == b.batch_id
+    assert ready[0].label.batch.batch_id == b.batch_id
     assert ready[0].label.offset == 100 and ready[0].label.message == "raw"
     assert join.next_offset == 1
     assert join.labels == {} and not join.examples
@@ -189,7 +189,7 @@ def test_second_label_for_a_buffered_batch_is_duplicate(examples):
     ready = join.pop_ready(now=0.0)
     assert outcomes(ready) == [("joined", 0)]
     assert ready[0].label.offset == 10  # the first label is the one that joins
-    assert ready[0].label.label.teacher_version == 1
+    assert ready[0].label.batch.teacher_version == 1
 
 
 def test_second_label_for_a_joined_batch_is_duplicate(examples):
