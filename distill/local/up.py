@@ -447,6 +447,11 @@ class Pipeline:
         labelled = sum(status.get(f"teacher:{c.name}", {}).get("examples_labeled", 0) for c in self._labelling())
         if labelled < produced + self.launch_after:
             return False
+        # A pool's trainer trains the whole stream too (its labelers may finish a little earlier:
+        # labels within the staleness bound need not wait for the last batches to be trained).
+        trainer = [c for c in self.children if c.extra.get("teacher_role") == "trainer"]
+        if trainer and status.get(f"teacher:{trainer[0].name}", {}).get("examples_trained", 0) < produced:
+            return False
         # after a late launch the students train what came after it
         return all(
             status.get(f"student:{s.name}", {}).get("examples_trained", 0) >= produced for s in self.config.students
