@@ -450,7 +450,8 @@ class Pipeline:
         # A pool's trainer trains the whole stream too (its labelers may finish a little earlier:
         # labels within the staleness bound need not wait for the last batches to be trained).
         trainer = [c for c in self.children if c.extra.get("teacher_role") == "trainer"]
-        if trainer and status.get(f"teacher:{trainer[0].name}", {}).get("examples_trained", 0) < produced:
+        trained = status.get(f"teacher:{trainer[0].name}", {}).get("examples_trained", 0) if trainer else None
+        if trained is not None and trained < produced + self.launch_after:
             return False
         # after a late launch the students train what came after it
         return all(
