@@ -141,6 +141,10 @@ class Storage:
             self.fs.invalidate_cache(full)
             if self.fs.exists(full):
                 self.fs.rm(full, recursive=True)
+                self.fs.invalidate_cache(full)
+                # a bulk delete reports refusals per key, not as an error: look again
+                if self.fs.exists(full):
+                    raise PermissionError("the store refused the delete (the bucket's policy or the credentials)")
         except FileNotFoundError:
             return
         except OSError as exc:

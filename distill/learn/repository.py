@@ -14,6 +14,7 @@ and a version without it is not a version (an interrupted upload). Retention kee
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ COMPLETE = "signature.json"  # written last: a version directory without it is i
 _NUMBER = re.compile(r"^[1-9]\d*$")  # Triton ignores other names (and those starting with 0)
 _STAGING = re.compile(r"^\.staging-(\d+)$")
 _TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,13 @@ class ModelRepository:
             self._set_promoted(version)
         elif not self.storage.exists("config.pbtxt"):
             self.storage.write("config.pbtxt", triton_config(self.name, signature, self.promoted()).encode())
-        state = self.prune(keep)
+        try:
+            state = self.prune(keep)
+        except StorageError as exc:
+            # The version is durable and served as decided; only the old ones stay a while
+            # longer (the versions-kept metric shows it), retried at the next export.
+            log.warning("old exported versions could not be deleted", extra={"error": str(exc)})
+            state = self.state()
         state.exported, state.decision = version, decision
         return state
 

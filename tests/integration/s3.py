@@ -41,12 +41,14 @@ def client(endpoint: str):
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
 
 
-def make_bucket(endpoint: str, name: str, refuse_writes: bool = False) -> str:
-    """Create a bucket; ``refuse_writes``: a bucket policy denies every PutObject (a read-only
-    bucket, or credentials without write rights). Returns ``s3://name``."""
+def make_bucket(endpoint: str, name: str, refuse_writes: bool = False, refuse_deletes: bool = False) -> str:
+    """Create a bucket; ``refuse_writes`` / ``refuse_deletes``: a bucket policy denies every
+    PutObject / DeleteObject (a read-only bucket, credentials without those rights).
+    Returns ``s3://name``."""
     s3 = client(endpoint)
     s3.create_bucket(Bucket=name)
-    if refuse_writes:
-        deny = {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{name}/*"}
+    actions = ["s3:PutObject"] * refuse_writes + ["s3:DeleteObject"] * refuse_deletes
+    if actions:
+        deny = {"Effect": "Deny", "Principal": "*", "Action": actions, "Resource": f"arn:aws:s3:::{name}/*"}
         s3.put_bucket_policy(Bucket=name, Policy=json.dumps({"Version": "2012-10-17", "Statement": [deny]}))
     return f"s3://{name}"

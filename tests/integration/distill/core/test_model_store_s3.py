@@ -157,3 +157,15 @@ def test_an_export_to_a_refusing_bucket_is_an_oserror_the_student_holds_back_on(
         export_serving_model(model, FEATURES, TASKS, MODEL, f"{root}/aux", 1)
     assert isinstance(failed.value, OSError) and isinstance(failed.value, CheckpointError)
     assert ModelRepository(f"{root}/aux").versions() == []
+
+
+def test_a_bucket_refusing_deletes_keeps_old_versions_but_exports_and_promotes(s3):
+    root = make_bucket(s3, "serving-no-delete", refuse_deletes=True)
+    model = RankingModel(FEATURES, TASKS, MODEL).eval()
+    for v in (1, 2, 3):
+        state = export_serving_model(model, FEATURES, TASKS, MODEL, f"{root}/aux", v, export=ExportConfig(keep=1))
+    # retention could not delete: the exports went on (commits are not held back for it)
+    assert state.exported == state.latest == state.promoted == 3
+    assert state.kept == [1, 2, 3] and state.deleted == []
+    with pytest.raises(StorageError, match="cannot delete"):
+        ModelRepository(f"{root}/aux").prune(keep=1)
