@@ -16,6 +16,7 @@ a field of that exact name.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import numpy as np
 
 from distill.core.config import EventsConfig, NonFinitePolicy
@@ -58,8 +60,14 @@ def json_decoder() -> Decoder:
 
 
 def avro_decoder(cfg: EventsConfig) -> Decoder:
-    """Confluent's AvroDeserializer: magic byte 0, a 4-byte schema id, the Avro body; the
-    writer schema is fetched from the registry by id (once) and resolved to the reader schema."""
+    """The Schema Registry wire format: magic byte 0, a 4-byte schema id, the Avro body. The
+    writer schema is fetched from the registry by id (once, by confluent_kafka's client) and
+    resolved to the reader schema by Avro's rules.
+
+    A plain schema is read with fastavro directly (about 10x faster than confluent_kafka's
+    AvroDeserializer, which spends most of its time per message looking for data-contract
+    rules); a schema with rules (a ruleSet: field encryption, CEL transforms) or references
+    goes through the AvroDeserializer, which applies them."""
     try:
         from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
         from confluent_kafka.schema_registry.avro import AvroDeserializer
@@ -75,33 +83,61 @@ def avro_decoder(cfg: EventsConfig) -> Decoder:
         conf["basic.auth.user.info"] = reg.basic_auth_user_info
     if reg.ssl_ca_location:
         conf["ssl.ca.location"] = reg.ssl_ca_location
-    reader = None
+    reader_text = None
     if reg.reader_schema is not None:
         path = Path(reg.reader_schema)
         if not path.is_file():
             raise ConfigError(f"events.schema_registry.reader_schema {path} does not exist; point it at an .avsc file")
-        reader = path.read_text()
-    deserializer = AvroDeserializer(SchemaRegistryClient(conf), schema_str=reader)
+        reader_text = path.read_text()
+    try:
+        reader = fastavro.parse_schema(json.loads(reader_text)) if reader_text else None
+    except (ValueError, fastavro.schema.SchemaParseException) as exc:
+        raise ConfigError(
+            f"events.schema_registry.reader_schema {reg.reader_schema} is not an Avro schema: {exc}"
+        ) from None
+    client = SchemaRegistryClient(conf)
+    deserializer = AvroDeserializer(client, schema_str=reader_text)
     context = SerializationContext(cfg.topic, MessageField.VALUE)
+    writers: dict[int, Any] = {}  # schema id -> parsed writer schema, or None: use the deserializer
+
+    def writer(schema_id: int) -> Any:
+        if schema_id not in writers:
+            schema = client.get_schema(schema_id)
+            plain = not schema.references and not (
+                schema.rule_set
+                and (schema.rule_set.domain_rules or schema.rule_set.migration_rules or schema.rule_set.encoding_rules)
+            )
+            writers[schema_id] = fastavro.parse_schema(json.loads(schema.schema_str or "")) if plain else None
+        return writers[schema_id]
 
     def decode(value: bytes | None) -> dict[str, Any]:
         if not value:
             raise DecodeError("empty", "the event has no value")
         if len(value) < 5 or value[0] != 0:
             raise DecodeError("undecodable", "not in the Schema Registry wire format (magic byte 0, 4-byte schema id)")
+        schema_id = int.from_bytes(value[1:5], "big")
         try:
-            record = deserializer(value, context)
+            parsed = writer(schema_id)
+            if parsed is None:
+                record = deserializer(value, context)
+            else:
+                body = io.BytesIO(value)
+                body.seek(5)
+                record = fastavro.schemaless_reader(body, parsed, reader)
+                if body.tell() != len(value):
+                    raise DecodeError("undecodable", f"{len(value) - body.tell()} bytes after the Avro record")
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404:
-                schema_id = int.from_bytes(value[1:5], "big")
                 raise DecodeError("unknown_schema", f"schema id {schema_id} is not in the registry") from None
             raise  # the registry is unreachable or failing: not the event's fault
+        except (DecodeError, ConfigError):
+            raise
         except SerializationError as exc:
             raise DecodeError("undecodable", f"Avro: {exc}") from None
         except Exception as exc:  # fastavro raises several types for truncated or garbled bodies
             if type(exc).__module__.startswith(("httpx", "httpcore")):
                 raise
-            raise DecodeError("undecodable", f"Avro: {type(exc).__name__}: {exc}") from None
+            raise DecodeError("undecodable", f"Avro (schema id {schema_id}): {type(exc).__name__}: {exc}") from None
         if not isinstance(record, dict):
             raise DecodeError("undecodable", f"an Avro event must be a record, got {type(record).__name__}")
         return record
