@@ -57,3 +57,12 @@ def test_prune_keeps_what_labelers_may_need_and_the_newest(tmp_path):
     assert store.versions() == [3, 4, 5]
     assert store.prune(keep_from=10) == [3]  # the newest two always stay
     assert store.versions() == [4, 5]
+
+
+def test_a_file_url_is_the_same_store_as_its_directory(tmp_path):
+    by_url = ModelStore((tmp_path / "store").as_uri())
+    uri, sha = by_url.publish(5, weights(5))
+    by_path = ModelStore(tmp_path / "store")
+    assert by_path.versions() == [5] and by_path.describe(5) == (uri, sha)
+    assert torch.equal(by_path.load(uri, sha)["w"], weights(5)["w"])
+    assert by_url.path(5) == by_path.path(5) == tmp_path / "store" / "teacher-000000000005.pt"
