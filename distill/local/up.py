@@ -17,12 +17,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from confluent_kafka import TopicPartition
+from pydantic import BaseModel
 
 from distill.core.config import ENV_PREFIX, Config
 from distill.core.kafka import Clients, ensure_topics, local_profile, redacted
@@ -83,14 +85,21 @@ class Child:
             return "(no log)"
 
 
-# The [kafka] fields that hold secrets.
-SECRET_FIELDS = ("sasl_password", "ssl_key_password")
-
-
 def is_secret_extra(key: str) -> bool:
     """A librdkafka property of kafka.extra whose value is a secret: what ``redacted`` masks in
     log lines (passwords, client secrets, the OAUTHBEARER config), and an inline private key."""
     return redacted({key: ""})[key] != "" or key == "ssl.key.pem"
+
+
+def secret_fields(model: BaseModel, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, value) of every set field that the config declares with ``repr=False``: its
+    secrets (kafka.sasl_password, kafka.ssl_key_password, the schema registry's credentials...)."""
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if not info.repr and value is not None:
+            yield (*path, name), value
+        elif isinstance(value, BaseModel):
+            yield from secret_fields(value, (*path, name))
 
 
 def write_child_config(config: Config, path: Path) -> dict[str, str]:
@@ -98,13 +107,15 @@ def write_child_config(config: Config, path: Path) -> dict[str, str]:
     variables that carry them to the children (a file under state_dir outlives the run and is
     easily copied or shared; a child's environment is readable by its user only)."""
     data = config.model_dump(mode="json")
-    kafka = data["kafka"]
     env = {}
-    for name in SECRET_FIELDS:
-        value = kafka.pop(name)
-        if value is not None:
-            env[f"{ENV_PREFIX}KAFKA__{name.upper()}"] = value
-    secret_extra = {k: kafka["extra"].pop(k) for k in list(kafka["extra"]) if is_secret_extra(k)}
+    for where, value in secret_fields(config):
+        section = data
+        for name in where[:-1]:
+            section = section[name]
+        del section[where[-1]]
+        env[ENV_PREFIX + "__".join(name.upper() for name in where)] = str(value)
+    extra = data["kafka"]["extra"]
+    secret_extra = {k: extra.pop(k) for k in list(extra) if is_secret_extra(k)}
     if secret_extra:
         # A JSON table, merged over the file's kafka.extra by load_config.
         env[f"{ENV_PREFIX}KAFKA__EXTRA"] = json.dumps(secret_extra)

@@ -15,6 +15,7 @@ import yaml
 PASSWORD = "s3cr3t-sasl-7f1c"
 KEY_PASSWORD = "s3cr3t-key-92ab"
 CLIENT_SECRET = "s3cr3t-oidc-40de"
+REGISTRY = "distill:s3cr3t-registry-13ef"
 EXAMPLES = 2000
 
 
@@ -35,6 +36,7 @@ def test_distill_up_writes_no_secret_under_state_dir(tmp_path):
                     "ssl_key_password": KEY_PASSWORD,
                     "extra": {"sasl.oauthbearer.client.secret": CLIENT_SECRET},
                 },
+                "events": {"schema_registry": {"basic_auth_user_info": REGISTRY}},
                 "topics": {"partitions": 1},
                 "students": [{"name": "none", "mode": "none"}],
             }
@@ -51,10 +53,10 @@ def test_distill_up_writes_no_secret_under_state_dir(tmp_path):
 
     files = sorted(p.relative_to(tmp_path) for p in state.rglob("*") if p.is_file())
     assert Path("state/config.yaml") in files and any(p.parts[1] == "checkpoints" for p in files), files
-    for secret in (PASSWORD, KEY_PASSWORD, CLIENT_SECRET):
+    for secret in (PASSWORD, KEY_PASSWORD, CLIENT_SECRET, REGISTRY):
         for root in (state, report):
             assert _files_holding(root, secret.encode()) == [], f"{secret} written to disk"
-    assert PASSWORD not in done.stdout + done.stderr
+    assert not [s for s in (PASSWORD, KEY_PASSWORD, CLIENT_SECRET, REGISTRY) if s in done.stdout + done.stderr]
     written = yaml.safe_load((state / "config.yaml").read_text())["kafka"]
     assert written["sasl_username"] == "distill-app"
     assert "sasl_password" not in written and "sasl.oauthbearer.client.secret" not in written["extra"]

@@ -9,16 +9,33 @@ import pytest
 
 from distill.core.config import load_config
 from distill.local.report import write_report
-from distill.local.up import is_secret_extra, write_child_config
+from distill.local.up import is_secret_extra, secret_fields, write_child_config
 
 PASSWORD = "s3cr3t-sasl-7f1c"
 KEY_PASSWORD = "s3cr3t-key-92ab"
 CLIENT_SECRET = "s3cr3t-oidc-40de"
 PEM = "-----BEGIN PRIVATE KEY-----s3cr3t-pem-55aa-----END PRIVATE KEY-----"
+REGISTRY = "distill:s3cr3t-registry-13ef"
 
 
 def _config(tmp_path, **kafka):
     return load_config(None, environ={}, state_dir=str(tmp_path / "state"), kafka=kafka)
+
+
+def test_every_secret_field_of_the_config_is_found():
+    """The config marks its secrets repr=False; each one of them, wherever it sits, is found."""
+    config = load_config(
+        None,
+        environ={},
+        kafka={"sasl_password": PASSWORD, "ssl_key_password": KEY_PASSWORD},
+        events={"schema_registry": {"url": "http://registry:8081", "basic_auth_user_info": REGISTRY}},
+    )
+    assert dict(secret_fields(config)) == {
+        ("kafka", "sasl_password"): PASSWORD,
+        ("kafka", "ssl_key_password"): KEY_PASSWORD,
+        ("events", "schema_registry", "basic_auth_user_info"): REGISTRY,
+    }
+    assert REGISTRY not in repr(config) and PASSWORD not in repr(config)
 
 
 def test_secrets_stay_out_of_the_file_and_reach_the_children_through_their_environment(tmp_path):
@@ -36,14 +53,20 @@ def test_secrets_stay_out_of_the_file_and_reach_the_children_through_their_envir
             "fetch.wait.max.ms": 25,
         },
     )
+    config.events.schema_registry.basic_auth_user_info = REGISTRY
     path = tmp_path / "config.yaml"
     env = write_child_config(config, path)
 
     text = path.read_text()
-    for secret in (PASSWORD, KEY_PASSWORD, CLIENT_SECRET, PEM, "s3cr3t"):
+    for secret in (PASSWORD, KEY_PASSWORD, CLIENT_SECRET, PEM, REGISTRY, "s3cr3t"):
         assert secret not in text
     assert "socket.keepalive.enable" in text and "distill-app" in text  # the rest is all there
-    assert set(env) == {"DISTILL_KAFKA__SASL_PASSWORD", "DISTILL_KAFKA__SSL_KEY_PASSWORD", "DISTILL_KAFKA__EXTRA"}
+    assert set(env) == {
+        "DISTILL_KAFKA__SASL_PASSWORD",
+        "DISTILL_KAFKA__SSL_KEY_PASSWORD",
+        "DISTILL_KAFKA__EXTRA",
+        "DISTILL_EVENTS__SCHEMA_REGISTRY__BASIC_AUTH_USER_INFO",
+    }
     # What a child loads: the file under the environment is the parent's config, secrets included.
     assert load_config(path, environ=env) == config
     # Without the environment the child would have no password: the file alone does not hold it.
