@@ -144,6 +144,7 @@ class ModelRepository:
         """Write a version's files; it becomes visible whole (see the module's text)."""
         ordered = sorted(files.items(), key=lambda item: item[0] == COMPLETE)  # the marker last
         if not self.storage.local:
+            self.storage.remove(f"{version}/{COMPLETE}")  # the same version again: incomplete until rewritten
             for name, data in ordered:
                 self.storage.write(f"{version}/{name}", data)
             return

@@ -149,6 +149,14 @@ def test_students_export_to_s3_in_the_triton_layout_with_retention(s3):
     client(s3).put_object(Bucket="serving-models", Key="models/aux/5/model.pt", Body=b"half")
     assert ModelRepository(f"{root}/aux").versions() == [3, 4]
 
+    # the same version again (a retried checkpoint): the new weights replace the old ones
+    torch.manual_seed(1)
+    retrained = RankingModel(FEATURES, TASKS, MODEL).eval()
+    export_serving_model(retrained, FEATURES, TASKS, MODEL, f"{root}/aux", 4, export=ExportConfig(keep=2))
+    with torch.no_grad():
+        expected = retrained.to_raw(retrained(cat, dense)[0])
+        torch.testing.assert_close(load_serving_model(f"{root}/aux")(cat, dense), expected)
+
 
 def test_an_export_to_a_refusing_bucket_is_an_oserror_the_student_holds_back_on(s3):
     root = make_bucket(s3, "serving-refused", refuse_writes=True)
