@@ -340,7 +340,9 @@ class EventsService:
         try:
             self.producer.poll(0)
             self._raise_failures()
-            msgs = consume_available(self.consumer, self.ecfg.max_poll_records, POLL_S)
+            # While a partial batch waits, wait for events no longer than its linger.
+            wait = min(POLL_S, self.pcfg.linger_ms / 1000.0) if any(b.rows for b in self.buffers) else POLL_S
+            msgs = consume_available(self.consumer, self.ecfg.max_poll_records, wait)
             rows = self._map(without_errors(msgs, self._not_ready))
             if rows:
                 cols = self.columns
@@ -349,13 +351,20 @@ class EventsService:
                 )
             self._send_full()
             now = time.monotonic()
-            if self.txn is not None and self.txn.due(now):
+            if self._due(now):
                 self._commit()
             self._observe(now)
             return True
         except BaseException:
             self._failed = True
             raise
+
+    def _due(self, now: float) -> bool:
+        """The open transaction is old or full, or a partial batch has lingered long enough."""
+        linger = self.pcfg.linger_ms / 1000.0
+        if self.txn is not None and self.txn.due(now):
+            return True
+        return any(b.rows and now - b.since >= linger for b in self.buffers)
 
     def _map(self, msgs: list[Any]) -> list[Row]:
         rows = []

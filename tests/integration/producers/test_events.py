@@ -125,3 +125,51 @@ def test_a_mapping_that_does_not_match_the_config_fails_at_start(make_config, un
         EventsService(events_config(make_config, topic, events={"dense": ["price", "discount"]}))
     with pytest.raises(ConfigError, match="events.labels"):
         EventsService(events_config(make_config, topic, events={"labels": {"clicked": "clicked"}}))
+
+
+def test_two_replicas_share_the_events_and_write_each_once(make_config, unique_name):
+    """A second replica joins while the first is busy: the partitions it takes over are
+    committed by the first before they move (on_revoke), so nothing is written twice."""
+    topic = unique_name("events")
+    cfg = events_config(make_config, topic, topics={"partitions": 2})
+    create_topic(cfg, topic, 4)
+    write_events(cfg, topic, json_events(range(0, 2000)), keys=[str(i % 97).encode() for i in range(2000)])
+    first = service(cfg)
+    second_cfg = cfg.model_copy(update={"producer": cfg.producer.model_copy(update={"producer_id": "replica-2"})})
+    second = None
+    try:
+        deadline = time.monotonic() + 90
+        while first.counts["examples"] == 0:
+            assert time.monotonic() < deadline
+            first.step()
+        second = service(second_cfg)
+        written = 2000
+        # Events keep coming until the second replica has some (its partitions moved to it).
+        while first.counts["examples"] + second.counts["examples"] < written or not second.counts["events"]:
+            assert time.monotonic() < deadline, (first.counts, second.counts)
+            if not second.counts["events"] or written < 4000:
+                ids = range(written, written + 100)
+                write_events(cfg, topic, json_events(ids), keys=[str(i % 97).encode() for i in ids])
+                written += 100
+            first.step()
+            second.step()
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+    ids = example_ids(examples(cfg))
+    assert sorted(ids.tolist()) == list(range(written)), "each event once, over both replicas"
+    assert second.counts["examples"] > 0, "the second replica took partitions over"
+
+
+def test_a_partial_batch_goes_out_after_linger(make_config, unique_name):
+    topic = unique_name("events")
+    cfg = events_config(make_config, topic, producer={"batch_size": 1000, "linger_ms": 20})
+    create_topic(cfg, topic, 1)
+    write_events(cfg, topic, json_events(range(10)))
+    svc = service(cfg)
+    try:
+        run_until_examples(svc, 10, 10)  # committed while the source runs: no close needed
+        assert sorted(example_ids(examples(cfg, idle=0.5)).tolist()) == list(range(10))
+    finally:
+        svc.close()
