@@ -20,7 +20,7 @@ The fixtures here:
     The broker a test runs on: ``broker`` unless the test is marked ``both_brokers``, which runs
     it twice, on ``embedded`` and on ``apache`` (test ids ``[embedded]``/``[apache]``; the apache
     runs also carry the ``apache`` marker, so ``-m apache`` selects them). Ask for
-    ``kafka_flavour`` to assert what only Apache Kafka does right (see BROKER.md).
+    ``kafka_flavour`` to assert what only Apache Kafka does right (see docs/kafka.md).
 ``make_config(**overrides)``
     A validated ``Config`` pointing at ``kafka`` with names unique to one call: topics,
     teacher group, client id, producer id. State (checkpoints, models) lives in ``tmp_path``.

@@ -104,7 +104,7 @@ PRODUCER_ONLY = frozenset(
     }
 )
 
-# Client settings for the embedded broker only (BROKER.md): tansu does not answer a waiting
+# Client settings for the embedded broker only (docs/kafka.md): tansu does not answer a waiting
 # fetch when data arrives, so librdkafka's default fetch.wait.max.ms (500) would be added to
 # every read. Against Apache Kafka the default is right: fewer empty fetch round trips.
 LOCAL_PROFILE: dict[str, str | int | float | bool] = {"fetch.wait.max.ms": 25}
@@ -402,7 +402,7 @@ def abort_and_rewind(producer: Producer, consumer: Consumer, topic: str, records
     """Abort the open transaction and seek each partition back to its first record in it, so
     that the next step reads (and labels) them again."""
     try:
-        producer.flush(10)  # abort purges unsent messages (see BROKER.md)
+        producer.flush(10)  # abort purges unsent messages (see docs/kafka.md)
         producer.abort_transaction(30)
     except Exception as exc:
         log.warning("abort failed", extra={"error": str(exc)})

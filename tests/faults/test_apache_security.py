@@ -26,7 +26,7 @@ from teacher_worker.worker import TeacherWorker
 from tests.integration.workers import example_batch_ids, run_until, spawn, write_config
 from tests.kafka import acls
 from tests.kafka.apache import ApacheKafka, Security, unavailable
-from tests.kafka.pki import make_pki
+from tests.kafka.pki import OPENSSL, make_pki
 
 pytestmark = pytest.mark.apache
 
@@ -42,7 +42,7 @@ def password(user: str) -> str:
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory):
-    reason = unavailable()
+    reason = unavailable() or (None if OPENSSL else "openssl is not installed (apt-get install openssl)")
     if reason:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true and Apache Kafka cannot run: {reason}")

@@ -126,7 +126,7 @@ def test_a_zombie_teachers_open_transaction_is_aborted(make_config, kafka_flavou
     if kafka_flavour == "apache":  # read_committed hides the aborted labels: each batch once, the teacher's
         assert sorted(lb.batch_id for lb in committed) == sorted(examples)
         assert all(lb.example_ids_checksum != 0 for lb in committed)  # none of the zombie's (checksum 0)
-    else:  # the embedded broker shows them: readers de-duplicate by batch id (BROKER.md)
+    else:  # the embedded broker shows them: readers de-duplicate by batch id (docs/kafka.md)
         assert len(committed) == batches + 2
 
 

@@ -176,7 +176,7 @@ def test_label_batch_round_trip_in_a_transaction(
         assert consumer.get_watermark_offsets(TopicPartition(config.topics.labels, 1), cached=False) == (0, 4)
         assert lag(consumer, [TopicPartition(config.topics.labels, 1)]) == {(config.topics.labels, 1): 0}
     else:
-        aborted, msg = consume(consumer, 2)  # the embedded broker shows aborted messages (BROKER.md)
+        aborted, msg = consume(consumer, 2)  # the embedded broker shows aborted messages (docs/kafka.md)
         assert aborted.value() == b"aborted"
     assert msg.partition() == 1
     decoded = codec.decode_labels(msg.value(), msg.headers())
@@ -215,7 +215,7 @@ def test_lag_from_cached_watermarks(make_config, make_consumer, consume, kafka_f
     assert lag(consumer, partition) == {(topic, 0): 6}
     consume(consumer, 6)
     assert lag(consumer, partition) == {(topic, 0): 0}
-    if kafka_flavour == "apache":  # the embedded broker answers these wrong (BROKER.md)
+    if kafka_flavour == "apache":  # the embedded broker answers these wrong (docs/kafka.md)
         assert consumer.get_watermark_offsets(partition[0], cached=False) == (0, 10)
         admin = Clients(config.kafka, "admin").admin()
         latest = admin.list_offsets({partition[0]: OffsetSpec.latest()})[partition[0]].result(10)
