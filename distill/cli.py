@@ -199,7 +199,8 @@ def student(
 @app.command()
 def produce(
     source: Annotated[
-        SourceName, typer.Argument(help="A replay (synthetic, movielens, file) or events (the [events] topic).")
+        SourceName,
+        typer.Argument(help="A replay (synthetic, movielens, file) or events (the topic events.topic names)."),
     ],
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
@@ -363,7 +364,8 @@ def sweep(
     candidates: Annotated[
         Path,
         typer.Option(
-            "--candidates", help="TOML or YAML: [[candidates]] (a name and a partial teacher model) and/or a [grid]."
+            "--candidates",
+            help="TOML or YAML: \\[\\[candidates]] (a name and a partial teacher model) and/or a \\[grid].",
         ),
     ],
     config: ConfigOpt = None,

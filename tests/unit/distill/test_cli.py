@@ -113,3 +113,9 @@ def test_every_command_named_in_messages_and_docs_exists():
     for words in sorted(named):
         result = invoke(*words, "--help")
         assert result.exit_code == 0, f"`distill {' '.join(words)}` is named but does not exist:\n{result.output}"
+
+
+def test_help_texts_keep_their_brackets():
+    """Rich reads [x] in a help text as markup: a text that means brackets escapes them."""
+    result = invoke("sweep", "--help")
+    assert "[[candidates]]" in result.output and "[grid]" in result.output, result.output
