@@ -57,7 +57,7 @@ from distill.core.layout import layout_problems
 from distill.core.service import Service
 from distill.core.wire import Codec
 from producers import recovery
-from producers.records import OFFSET_BITS, Mapper, Row, make_decoder, place, to_chunk
+from producers.records import Mapper, Row, check_registry, make_decoder, place, to_chunk
 from producers.service import FLUSH_TIMEOUT_S, NOT_READY_AFTER_S, _Buffer, producer_settings, user_partition
 from producers.source import Chunk, Source
 from producers.transaction import TXN_TIMEOUT_MS, Sent, Transactions
@@ -67,8 +67,8 @@ log = logging.getLogger(__name__)
 SOURCE = "events"
 LAG_EVERY_S = 2.0
 POLL_S = 0.1
+REGISTRY_WAIT_S = 60.0  # then start-up fails: the registry stays unreachable
 PROGRESS_EVERY_S = 10.0
-_OFFSET_MASK = (1 << OFFSET_BITS) - 1
 
 
 class _Columns(Source):
@@ -196,6 +196,10 @@ class EventsService:
                 "at the topic your services write"
             )
         self._ensure_dlq(admin)
+        if self.ecfg.format == "avro":
+            for attempt in retrying("reaching the schema registry", REGISTRY_WAIT_S):
+                with attempt:
+                    check_registry(self.ecfg)
         self.partitions = partition_count(admin, self.topic) or self.config.topics.partitions
         self._started = time.monotonic()
         positions_topic = recovery.positions_topic(self.topic)

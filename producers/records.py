@@ -29,7 +29,7 @@ import fastavro
 import numpy as np
 
 from distill.core.config import EventsConfig, NonFinitePolicy
-from distill.core.exceptions import ConfigError, DecodeError
+from distill.core.exceptions import BrokerError, ConfigError, DecodeError
 from producers.file import SECONDS_BELOW, text_id
 from producers.source import Chunk
 
@@ -78,11 +78,7 @@ def avro_decoder(cfg: EventsConfig) -> Decoder:
             "install it with: pip install 'confluent-kafka[schemaregistry]'"
         ) from None
     reg = cfg.schema_registry
-    conf: dict[str, Any] = {"url": reg.url}
-    if reg.basic_auth_user_info:
-        conf["basic.auth.user.info"] = reg.basic_auth_user_info
-    if reg.ssl_ca_location:
-        conf["ssl.ca.location"] = reg.ssl_ca_location
+    conf = _registry_conf(cfg)
     reader_text = None
     if reg.reader_schema is not None:
         path = Path(reg.reader_schema)
@@ -143,6 +139,37 @@ def avro_decoder(cfg: EventsConfig) -> Decoder:
         return record
 
     return decode
+
+
+def _registry_conf(cfg: EventsConfig) -> dict[str, Any]:
+    reg = cfg.schema_registry
+    conf: dict[str, Any] = {"url": reg.url}
+    if reg.basic_auth_user_info:
+        conf["basic.auth.user.info"] = reg.basic_auth_user_info
+    if reg.ssl_ca_location:
+        conf["ssl.ca.location"] = reg.ssl_ca_location
+    return conf
+
+
+def check_registry(cfg: EventsConfig) -> None:
+    """At start-up: the registry answers (BrokerError while it does not, which is retried) and
+    takes the credentials (ConfigError)."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
+
+    url = cfg.schema_registry.url
+    try:
+        SchemaRegistryClient(_registry_conf(cfg)).get_subjects()
+    except SchemaRegistryError as exc:
+        if exc.http_status_code in (401, 403):
+            raise ConfigError(
+                f"the schema registry at {url} refused the credentials "
+                f"(events.schema_registry.basic_auth_user_info): {exc.error_message}"
+            ) from None
+        raise BrokerError(
+            f"the schema registry at {url} answered {exc.http_status_code}: {exc.error_message}"
+        ) from None
+    except Exception as exc:  # httpx's connection errors
+        raise BrokerError(f"the schema registry at {url} (events.schema_registry.url) is unreachable: {exc}") from None
 
 
 def make_decoder(cfg: EventsConfig) -> Decoder:

@@ -110,3 +110,17 @@ def test_avro_events_of_two_schema_versions(make_config, unique_name, registry, 
     codec = Codec()
     letters = [codec.decode_dead_letter(m.value(), m.headers()) for m in read_all(cfg, f"{topic}.dlq")]
     assert sorted((d["payload"], d["reason"]) for d in letters) == sorted(bad.items())
+
+
+def test_an_unreachable_registry_fails_the_start_naming_it(make_config, unique_name, monkeypatch):
+    from distill.core.exceptions import BrokerError
+    from distill.local.broker import free_port
+    from producers import events
+
+    monkeypatch.setattr(events, "REGISTRY_WAIT_S", 1.0)
+    topic = unique_name("events")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = events_config(make_config, topic, events={"format": "avro", "schema_registry": {"url": url}})
+    create_topic(cfg, topic, 1)
+    with pytest.raises(BrokerError, match=f"schema registry at {url}.*unreachable"):
+        EventsService(cfg, service=Service("producer", cfg.producer.producer_id)).start()
