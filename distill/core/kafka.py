@@ -322,11 +322,17 @@ def ensure_topics(config: Config, admin: AdminClient, seconds: float | None = 60
                             raise _not_authorized(config, name) from None
                         if code != KafkaError.TOPIC_ALREADY_EXISTS:
                             raise
-    # Apache Kafka answers CreateTopics before its metadata lists the new topics.
-    deadline = time.monotonic() + 10
-    while not set(wanted) <= set(admin.list_topics(timeout=5.0).topics) and time.monotonic() < deadline:
+    # Apache Kafka answers CreateTopics before its metadata lists the new topics, and lists them
+    # with LEADER_NOT_AVAILABLE until their partitions have leaders.
+    deadline = time.monotonic() + 30
+    while not _listed(admin, set(wanted)) and time.monotonic() < deadline:
         time.sleep(0.05)
     check_partitions(config, admin)
+
+
+def _listed(admin: AdminClient, names: set[str]) -> bool:
+    topics = admin.list_topics(timeout=5.0).topics
+    return all(name in topics and topics[name].error is None for name in names)
 
 
 def _not_authorized(config: Config, topic: str) -> ConfigError:
