@@ -122,6 +122,62 @@ def check_config(config: ConfigOpt = None) -> None:
     typer.echo(cfg.model_dump_json(indent=2, exclude=secrets))
 
 
+models_app = typer.Typer(no_args_is_help=True, help="A student's exported serving models: list, promote, prune.")
+app.add_typer(models_app, name="models")
+StudentOpt = Annotated[str, typer.Option("--student", "-s", help="Which configured student's exports.")]
+
+
+def _repository(config: Path | None, student: str):
+    """(the student's config, its exports); an unknown student is a ConfigError (exit 2)."""
+    from distill.learn.repository import ModelRepository
+
+    cfg = _load(config)
+    return cfg.student(student), ModelRepository(cfg.model_dir(student))
+
+
+@models_app.command("list")
+def models_list(student: StudentOpt, config: ConfigOpt = None) -> None:
+    """The exported versions, oldest first: bytes, LATEST / PROMOTED, windowed figures."""
+    try:
+        _, repo = _repository(config, student)
+        repo.require()
+        for e in repo.entries():
+            marks = ",".join(m for m, on in (("latest", e.latest), ("promoted", e.promoted)) if on)
+            figures = " ".join(f"{t}={v:.5f}" for t, v in e.figures.items())
+            typer.echo(f"{e.version:>8}  {e.bytes / 1e6:8.2f} MB  {marks:<15}  {figures}")
+    except DistillError as exc:
+        _fail(exc)
+
+
+@models_app.command("promote")
+def models_promote(
+    student: StudentOpt,
+    version: Annotated[Optional[int], typer.Option(help="The version to serve; default: the newest.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve a version (PROMOTED and config.pbtxt), whatever the promotion rule said."""
+    try:
+        state = _repository(config, student)[1].promote(version)
+        typer.echo(f"{student}: promoted version {state.promoted} (latest {state.latest})")
+    except DistillError as exc:
+        _fail(exc)
+
+
+@models_app.command("prune")
+def models_prune(
+    student: StudentOpt,
+    keep: Annotated[Optional[int], typer.Option(help="Versions to keep; default students[].export.keep.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Delete all but the newest KEEP versions and the promoted one."""
+    try:
+        sc, repo = _repository(config, student)
+        state = repo.prune(keep if keep is not None else sc.export.keep)
+        typer.echo(f"{student}: deleted {state.deleted or 'nothing'}; kept {state.kept} ({state.bytes / 1e6:.2f} MB)")
+    except DistillError as exc:
+        _fail(exc)
+
+
 def _configure(role: str, name: str) -> None:
     from distill.core.service import configure_logging
 

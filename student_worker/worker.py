@@ -16,7 +16,6 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -61,6 +60,8 @@ class StudentWorker(Worker):
         self.null = sc.model.kind == "null"
         objective = Objective.student(config, sc)
         self.distilled = objective.distilled
+        # The teacher-free student the promotion rule compares with (None: promote, see docs/serving.md).
+        self.baseline = next((s.name for s in config.students if s.mode == "none"), None)
         self.features = config.features.subset(sc.features)
         self.learner = Learner.build(config, sc.model, objective, self.device, self.features)
         self.model, self.optimizer = self.learner.model, self.learner.optimizer
@@ -135,13 +136,17 @@ class StudentWorker(Worker):
                     "gate": self.gate.state_dict(),
                 },
             )
-            export_serving_model(
+            exported = export_serving_model(
                 self.model,
                 self.features,
                 self.config.tasks,
                 self.sc.model,
-                Path(self.config.model_dir(self.name)),
+                self.config.model_dir(self.name),  # a str: an s3:// URL must not go through Path
                 version,
+                export=self.sc.export,
+                metrics=self.evaluator.snapshot(),
+                compared_tasks=[self.task_names[i] for i in self.distilled] or None,
+                baseline=self.baseline,
             )
         except OSError as exc:
             # Nothing is committed past the last durable checkpoint; retried at the next one.
@@ -157,6 +162,12 @@ class StudentWorker(Worker):
         m.STUDENT_CKPT_AGE.labels(self.name).set(time.time())
         m.STUDENT_CKPT_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         m.STUDENT_EXPORT_VERSION.labels(self.name).set(version)
+        m.STUDENT_PROMOTED_VERSION.labels(self.name).set(exported.promoted or 0)
+        m.STUDENT_EXPORT_VERSIONS.labels(self.name).set(len(exported.kept))
+        m.STUDENT_EXPORT_BYTES.labels(self.name).set(exported.bytes)
+        if exported.decision is not None and not exported.decision.promote:
+            m.STUDENT_PROMOTIONS_HELD.labels(self.name).inc()
+            log.warning("export not promoted", extra={"version": version, "reason": exported.decision.reason})
         self._commit(offsets)
         return True
 

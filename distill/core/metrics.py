@@ -179,6 +179,18 @@ STUDENT_CKPT_FAILURES = Counter(
 STUDENT_EXPORT_VERSION = Gauge(
     "distill_student_export_version", "Version of the newest exported serving model", ["student"]
 )
+STUDENT_PROMOTED_VERSION = Gauge(
+    "distill_student_promoted_version", "Version the serving stack serves (PROMOTED; 0: none yet)", ["student"]
+)
+STUDENT_EXPORT_VERSIONS = Gauge(
+    "distill_student_export_versions", "Exported versions kept in the model root after retention", ["student"]
+)
+STUDENT_EXPORT_BYTES = Gauge(
+    "distill_student_export_bytes", "Bytes of the student's exported versions in the model root", ["student"]
+)
+STUDENT_PROMOTIONS_HELD = Counter(
+    "distill_student_promotions_held_total", "Exports the promotion rule did not promote", ["student"]
+)
 STUDENT_THROUGHPUT = Gauge(
     "distill_student_examples_per_second", "Examples trained per second (moving average)", ["student"]
 )

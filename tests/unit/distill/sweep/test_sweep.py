@@ -253,7 +253,7 @@ def test_cli_reports_a_bad_candidates_file_before_touching_kafka(tmp_path):
     good = _write(tmp_path, "g.toml", '[[candidates]]\nname = "default"\n')
     for flags, message in (
         (["--warmup", "1.5"], "--warmup 1.5: give the share"),
-        (["--objective", "auc"], "--objective 'auc': use one of gain"),
+        (["--objective", "auc"], "'auc' is not one of 'gain'"),
         (["--task", "like"], "--task 'like' is not a configured task"),
         (["--budget-examples", "0"], "--budget-examples must be a positive"),
         (["--from-time", "soon"], "--from-time 'soon': use ISO 8601"),
