@@ -3,12 +3,15 @@ label coverage drops) and distil again once it is back (joined grows)."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.faults.conftest import check_books, summary
 from tests.integration.workers import produce_synthetic, write_config
 
 STUDENT = {"name": "s1", "label_wait_s": 0.5, "checkpoint": {"every_batches": 5, "every_seconds": 1.0}}
 
 
+@pytest.mark.both_brokers  # the teacher's group leaves and rejoins; its transactions restart
 def test_students_train_on_hard_labels_while_the_teacher_is_away(make_config, workers, tmp_path):
     config = make_config(topics={"partitions": 2}, students=[STUDENT])
     path = write_config(config, tmp_path / "config.yaml")

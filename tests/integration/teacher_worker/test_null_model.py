@@ -1,10 +1,11 @@
-"""``model.kind = "null"`` (the transport benchmark's models) against the embedded broker: the
+"""``model.kind = "null"`` (the transport benchmark's models) on both brokers: the
 teacher publishes one all-zero label batch per example batch without training, and a student
 joins and counts everything and commits, without training either."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from confluent_kafka import TopicPartition
 
@@ -24,6 +25,7 @@ def _unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.both_brokers  # one transaction per step, committed group offsets at the end
 def test_null_teacher_labels_every_batch_and_null_student_joins_everything(make_config):
     config = make_config(
         topics={"partitions": 2},

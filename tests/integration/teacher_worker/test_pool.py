@@ -1,4 +1,5 @@
-"""The teacher at scale against the embedded broker: a trainer and a pool of labelers."""
+"""The teacher at scale: a trainer and a pool of labelers, on the embedded broker and (where
+marked both_brokers: groups, rebalances, transactions) on Apache Kafka."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def labelled_ids(config) -> set[str]:
     return {lb.batch_id for _, _, lb in read_labels(config)}
 
 
+@pytest.mark.both_brokers
 def test_trainer_and_two_labelers_label_every_batch_once_out_of_sample(make_config):
     config = pool_config(make_config)
     produced = produce_synthetic(config, 60 * 128, batch_size=128)
@@ -153,6 +155,7 @@ def test_trainer_pauses_while_too_far_ahead_of_the_labelers(make_config):
     assert all(lb.watermark <= lb.source_offset for _, _, lb in labels)
 
 
+@pytest.mark.both_brokers
 def test_killing_a_labeler_moves_its_partitions_to_the_other(make_config, tmp_path):
     config = pool_config(make_config)
     path = write_config(config, tmp_path / "pool.yaml")
@@ -364,3 +367,72 @@ def test_a_trainer_takes_over_a_single_teachers_checkpoint(make_config):
 
 def weights_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k].cpu()) for k in a)
+
+
+# A labeler SIGKILLed with a transaction open: the process below begins a transaction with a
+# labeler's transactional id and timeout, writes a record to labels partition 0, reports it,
+# and waits to be killed. Nothing ever fences its id.
+_OPEN_TRANSACTION = """
+import sys, time
+from confluent_kafka import Producer
+bootstrap, tid, timeout_ms, topic = sys.argv[1:5]
+producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": tid,
+                     "transaction.timeout.ms": int(timeout_ms), "acks": "all", "log_level": 0})
+producer.init_transactions(30)
+producer.begin_transaction()
+producer.produce(topic, b"never committed", partition=0)
+producer.flush(30)
+print("open", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("kafka_flavour", [pytest.param("apache", marks=pytest.mark.apache)])
+def test_a_labeler_killed_mid_transaction_holds_students_until_its_timeout(make_config, kafka_flavour):
+    """Apache Kafka only: a read_committed reader stops at the first open transaction of a
+    partition (its last stable offset), so committed labels behind the dead labeler's wait until
+    the broker aborts it, ``transaction.timeout.ms`` (15 s) after it began plus up to one
+    abort-check interval (10 s by default). The embedded broker shows open transactions at once."""
+    import subprocess
+    import sys
+
+    from student_worker.worker import StudentWorker
+    from teacher_worker.labeler import TRANSACTION_TIMEOUT_MS
+    from teacher_worker.worker import TeacherWorker
+
+    config = make_config(
+        topics={"partitions": 1},
+        teacher={"model": {"hidden": [32], "embedding_dim": 8, "cross_layers": 0}},
+        students=[{"name": "s", "label_wait_s": 120.0, "checkpoint": {"every_batches": 5}}],
+    )
+    first = produce_synthetic(config, 10 * 128, batch_size=128)["batches"]
+    teacher, student = TeacherWorker(config), StudentWorker(config, "s")
+    teacher.start()
+    student.start()
+    try:
+        run_until(lambda: student.counts["batches_trained"] >= first, [teacher.step, student.step], 60)
+        zombie = subprocess.Popen(
+            [sys.executable, "-c", _OPEN_TRANSACTION, config.kafka.bootstrap_servers,
+             f"{config.teacher.pool.labeler_group_id}.zombie", str(TRANSACTION_TIMEOUT_MS), config.topics.labels],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert zombie.stdout.readline().strip() == "open", "the transaction did not open"
+        begun = time.monotonic()  # (a little after the transaction began: the stall is a lower bound)
+        kill9(zombie)
+        second = produce_synthetic(config, 5 * 128, batch_size=128)["batches"]
+        resumed: list[float] = []
+
+        def student_step() -> None:
+            student.step()
+            if not resumed and student.counts["batches_trained"] > first:
+                resumed.append(time.monotonic())
+
+        run_until(lambda: student.counts["batches_trained"] >= first + second, [teacher.step, student_step], 90)
+    finally:
+        teacher.close()
+        student.close()
+    stall = resumed[0] - begun
+    print(f"\nlabeler SIGKILLed mid-transaction: the student resumed after {stall:.1f} s")
+    assert student.counts["joined"] == first + second and student.counts["missing"] == 0, student.counts
+    # The broker aborts only after the timeout: the student cannot have had the labels sooner.
+    assert stall >= TRANSACTION_TIMEOUT_MS / 1000 - 1.0, stall
