@@ -2,7 +2,8 @@
 training rate beside the single-process teacher's.
 
 * **labelers**: a fresh broker per run. A trainer in this process publishes version 0 (the
-  default teacher model) and stops; N ``distill teacher --role labeler`` processes start
+  default teacher model) and stops (the staleness bound is lifted: this is the labelling
+  cost); N ``distill teacher --role labeler`` processes start
   (OMP_NUM_THREADS=1) and are waited for on ``/readyz``, which answers 200 once a labeler has
   partitions, so the group has settled. Then the synthetic stream is produced and the rate is
   the examples over the seconds from the start of producing to the last label, counted from
@@ -49,7 +50,10 @@ def labelled(children) -> float:
 def labelers_rate(count: int) -> tuple[float, float]:
     """(labelled examples/s, labeler CPU seconds per labelled example) with ``count`` labelers."""
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker:
-        run = Run(broker, Path(tmp) / "state", LABEL_EXAMPLES)
+        # One checkpoint labels the whole stream here (the labelling cost, not freshness): no
+        # staleness bound, or the labelers would wait for a trainer that has stopped.
+        unbounded = {"teacher": {"pool": {"max_label_staleness_examples": 10 * LABEL_EXAMPLES}}}
+        run = Run(broker, Path(tmp) / "state", LABEL_EXAMPLES, **unbounded)
         try:
             trainer = Trainer(run.local_config(), Ranks(), torch.device("cpu"))
             trainer.start()  # announces version 0
