@@ -1,7 +1,9 @@
 """Producers: turn a source of events into ExampleBatch messages on the examples topic.
 
 Sources (``synthetic``, ``movielens``, ``file``) yield column chunks in stream order;
-``producers.service`` micro-batches them, picks partitions, rate-limits and delivers them.
+``producers.service`` paces them, and ``producers.events`` reads a topic of events instead.
+Both batch by partition (``producers.batcher``), deliver through ``producers.delivery`` (in
+transactions: ``producers.transaction``) and run as a process through ``producers.running``.
 """
 
 from distill.core.presets import load_config_for, preset_overrides

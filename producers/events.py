@@ -28,12 +28,10 @@ and each input partition resumes at the later of the group's offset and the reco
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -43,7 +41,7 @@ from confluent_kafka.admin import AdminClient
 from distill.core import metrics as m
 from distill.core.config import Config, ProducerConfig
 from distill.core.dead_letters import DeadLetters
-from distill.core.exceptions import ConfigError, DecodeError, DeliveryError
+from distill.core.exceptions import ConfigError, DecodeError
 from distill.core.kafka import (
     Clients,
     consume_available,
@@ -57,10 +55,12 @@ from distill.core.layout import layout_problems
 from distill.core.service import Service
 from distill.core.wire import Codec
 from producers import recovery
+from producers.batcher import Batcher
+from producers.delivery import COUNTS, Delivery
 from producers.records import Mapper, Row, check_registry, make_decoder, place, to_chunk
-from producers.service import FLUSH_TIMEOUT_S, NOT_READY_AFTER_S, _Buffer, producer_settings, user_partition
-from producers.source import Chunk, Source
-from producers.transaction import TXN_TIMEOUT_MS, Sent, Transactions
+from producers.running import Worker, closing_figures, producer_settings, run_service
+from producers.source import Source
+from producers.transaction import Sent, Transactions, transactional_producer
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class _TransactionalDeadLetters:
         self.add(Sent(-1, key or b"", value, list(headers or []), np.zeros(0, np.int64), 0, topic=topic))
 
 
-class EventsService:
+class EventsService(Worker):
     """Runs the events source. Build it, then ``run()``; see ``run_events``."""
 
     def __init__(self, config: Config, *, producer: ProducerConfig | None = None, service: Service | None = None):
@@ -153,38 +153,34 @@ class EventsService:
         self.codec = Codec(config.wire.non_finite)
         self.clients = Clients(config.kafka, f"events.{pcfg.producer_id}")
         self.pid = pcfg.producer_id
-        self.labels = (self.pid, SOURCE)
-        self.run_token = uuid.uuid4().hex[:8]
         self.producer: Any = None
         self.consumer: Any = None
         self.txn: Transactions | None = None
+        self.delivery: Delivery | None = None
         self.dead: DeadLetters | None = None
         self.partitions = 0
-        self.buffers: list[_Buffer] = []
-        self._rr_next = 0
-        self.next_seq = 0
+        # A batch waits at most linger_ms: then the transaction commits with every buffer sent.
+        self.batcher = Batcher(
+            self.pid,
+            self.columns,
+            self.codec,
+            by_user=pcfg.partitioner == "user",
+            size=pcfg.batch_size,
+            linger_s=pcfg.linger_ms / 1000.0,
+        )
         self.record = _Record(self.pid, 0, {}, {})
         self.consumed: dict[int, int] = {}  # input partition -> next offset, in the open transaction or before
         self.skip: set[int] = set()  # places delivered by an aborted-but-visible transaction (embedded broker)
         self.resume: dict[int, int] = {}  # input partition -> the record's next offset
-        self.in_flight = 0
-        self._failures: list[str] = []
         self._failed = False
-        self._last_ack = time.monotonic()
-        self._stalled = False
         self._last_lag = 0.0
         self._last_progress = time.monotonic()
-        self._newest_ms = -(2**62)
         self._started = 0.0
-        self.counts = {
-            "events": 0,
-            "rejected": 0,
-            "skipped": 0,
-            "examples": 0,
-            "batches": 0,
-            "bytes": 0,
-            "max_in_flight": 0,
-        }
+        self.counts = {"events": 0, "rejected": 0, "skipped": 0, **COUNTS}
+
+    @property
+    def next_seq(self) -> int:
+        return self.batcher.next_seq
 
     # -- set-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -205,15 +201,21 @@ class EventsService:
         positions_topic = recovery.positions_topic(self.topic)
         recovery.ensure_positions_topic(admin, positions_topic, self.config.topics.replication_factor)
         tid = f"{SOURCE}.{self.pid}"
-        self.producer = self.clients.producer(transactional_id=tid, **{"transaction.timeout.ms": TXN_TIMEOUT_MS})
-        for attempt in retrying("initialising transactions", 60.0):
-            with attempt:
-                self.producer.init_transactions(10)  # aborts (and fences) a killed predecessor's transaction
+        self.producer = transactional_producer(self.clients, tid)
+        self.delivery = Delivery(
+            self.producer,
+            self.topic,
+            self.service,
+            (self.pid, SOURCE),
+            self.counts,
+            max_in_flight=self.pcfg.max_in_flight_batches,
+            what="messages",
+        )
         self.txn = Transactions(
             self.producer,
             positions_topic,
             tid,
-            self._produce,
+            self.delivery.produce,
             self.service.heartbeat,
             max_s=self.pcfg.linger_ms / 1000.0,
             encode=_Record.encode,
@@ -223,8 +225,7 @@ class EventsService:
         # DeadLetters only calls produce(): its records join the open transaction.
         shim: Any = _TransactionalDeadLetters(self._add)
         self.dead = DeadLetters(shim, self.codec, "events", self.pid)
-        user = self.pcfg.partitioner == "user"
-        self.buffers = [_Buffer() for _ in range(self.partitions if user else 1)]
+        self.batcher.layout(self.partitions)
         self.consumer = self.clients.consumer(self.ecfg.group_id)
         self.consumer.subscribe(
             [self.ecfg.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -274,7 +275,7 @@ class EventsService:
                     f"the last record of {key.decode()!r} in {positions_topic!r} is not readable ({exc}); "
                     "give this source another producer.producer_id"
                 ) from None
-        self.next_seq = self.record.next_seq
+        self.batcher.next_seq = self.record.next_seq
         self.resume = dict(self.record.inputs)
         found = 0
         for msg in recovery.read_to_end(self.clients, admin, self.topic, self.record.offsets):
@@ -284,7 +285,7 @@ class EventsService:
                 continue
             _, seq, places = batch
             self.skip.update(places.tolist())
-            self.next_seq = max(self.next_seq, seq + 1)
+            self.batcher.next_seq = max(self.batcher.next_seq, seq + 1)
             self.record.offsets[int(msg.partition() or 0)] = int(msg.offset() or 0) + 1
             found += 1
         log.info(
@@ -334,26 +335,25 @@ class EventsService:
         log.warning("partitions lost; aborting the open transaction", extra={"partitions": len(partitions)})
         if self.txn is not None:
             self.txn.abandon()
-        for buf in self.buffers:
-            buf.pieces, buf.rows = [], 0
+        self.batcher.clear()
         self.consumed.clear()
         self.skip.clear()
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> bool:
+        assert self.delivery is not None
         try:
             self.producer.poll(0)
-            self._raise_failures()
+            self.delivery.raise_failures()
             # While a partial batch waits, wait for events no longer than its linger.
-            wait = min(POLL_S, self.pcfg.linger_ms / 1000.0) if any(b.rows for b in self.buffers) else POLL_S
+            wait = min(POLL_S, self.batcher.linger_s) if self.batcher.rows else POLL_S
             msgs = consume_available(self.consumer, self.ecfg.max_poll_records, wait)
             rows = self._map(without_errors(msgs, self._not_ready))
             if rows:
                 cols = self.columns
-                self._distribute(
-                    to_chunk(rows, len(cols.categorical_names), len(cols.dense_names), len(cols.task_names))
-                )
-            self._send_full()
+                chunk = to_chunk(rows, len(cols.categorical_names), len(cols.dense_names), len(cols.task_names))
+                self.batcher.add(chunk, time.monotonic())
+            self._send(force=False)
             now = time.monotonic()
             if self._due(now):
                 self._commit()
@@ -365,10 +365,10 @@ class EventsService:
 
     def _due(self, now: float) -> bool:
         """The open transaction is old or full, or a partial batch has lingered long enough."""
-        linger = self.pcfg.linger_ms / 1000.0
         if self.txn is not None and self.txn.due(now):
             return True
-        return any(b.rows and now - b.since >= linger for b in self.buffers)
+        oldest = self.batcher.oldest()
+        return oldest is not None and now - oldest >= self.batcher.linger_s
 
     def _map(self, msgs: list[Any]) -> list[Row]:
         rows = []
@@ -391,112 +391,26 @@ class EventsService:
         m.EVENTS_CONSUMED.labels(self.pid).inc(len(msgs))
         return rows
 
-    def _distribute(self, part: Chunk) -> None:
-        now = time.monotonic()
-        if len(self.buffers) == 1:
-            self.buffers[0].add(part, now)
-            return
-        which = user_partition(part.users, self.partitions)
-        order = np.argsort(which, kind="stable")  # keeps event order inside each partition
-        bounds = np.cumsum(np.bincount(which, minlength=self.partitions))
-        lo = 0
-        for p, hi in enumerate(bounds):
-            if hi > lo:
-                self.buffers[p].add(part.take(order[lo:hi]), now)
-            lo = int(hi)
-
-    def _send_full(self) -> None:
-        size = self.pcfg.batch_size
-        for p, buf in enumerate(self.buffers):
-            while buf.rows >= size:
-                self._send(buf.take(size), p)
-        m.EVENTS_BUFFERED.labels(self.pid).set(sum(b.rows for b in self.buffers))
-
-    def _send_all(self) -> None:
-        self._send_full()
-        for p, buf in enumerate(self.buffers):
-            if buf.rows:
-                self._send(buf.take(buf.rows), p)
-        m.EVENTS_BUFFERED.labels(self.pid).set(0)
-
-    def _send(self, chunk: Chunk, buffer_index: int) -> None:
-        if len(self.buffers) == 1:
-            partition = self._rr_next % self.partitions
-            self._rr_next += 1
-        else:
-            partition = buffer_index
-        seq = self.next_seq
-        self.next_seq += 1
-        batch = chunk.to_batch(f"{self.pid}-{self.run_token}-{seq}", self.pid, seq, self.columns)
-        value, headers = self.codec.encode_examples(batch)
-        self._add(
-            Sent(
-                partition=partition,
-                key=batch.batch_id.encode(),
-                value=value,
-                headers=headers + recovery.batch_headers(self.pid, seq, chunk.positions),
-                positions=chunk.positions,
-                newest_ms=int(chunk.event_time_ms.max()),
-            )
-        )
+    def _send(self, force: bool) -> None:
+        """The full buffers as batches (``force``: every buffer), into the open transaction."""
+        for sent in self.batcher.ready(time.monotonic(), lingered=False, force=force):
+            self._add(sent)
+        m.EVENTS_BUFFERED.labels(self.pid).set(self.batcher.rows)
 
     def _add(self, sent: Sent) -> None:
         assert self.txn is not None
         self.txn.add(sent)
 
-    def _produce(self, sent: Sent) -> None:
-        self._wait_for_room()
-        while True:
-            try:
-                self.producer.produce(
-                    sent.topic or self.topic,
-                    value=sent.value,
-                    key=sent.key,
-                    headers=sent.headers,
-                    partition=sent.partition,
-                    on_delivery=functools.partial(self._on_delivery, sent),
-                )
-                break
-            except BufferError:
-                self.producer.poll(0.05)
-        self.in_flight += 1
-        self.counts["max_in_flight"] = max(self.counts["max_in_flight"], self.in_flight)
-        m.PRODUCER_QUEUE.labels(self.pid).set(self.in_flight)
-
-    def _wait_for_room(self) -> None:
-        """Back-pressure: nothing more is read or sent while the in-flight window is full."""
-        while self.in_flight >= self.pcfg.max_in_flight_batches:
-            self.producer.poll(0.05)
-            self._raise_failures()
-            self.service.heartbeat()
-            if time.monotonic() - self._last_ack > NOT_READY_AFTER_S:
-                self._stalled = True
-                self.service.set_ready(False, f"{self.in_flight} batches unacknowledged; is the broker reachable?")
-
-    def _on_delivery(self, sent: Sent, err: Any, msg: Any) -> None:
-        self.in_flight -= 1
-        self._last_ack = time.monotonic()
-        if err is not None:
-            self._failures.append(str(err))
-            m.PRODUCER_ERRORS.labels(*self.labels).inc()
-            return
-        sent.offset = msg.offset()
-        if self._stalled:
-            self._stalled = False
-            self.service.set_ready(True, "deliveries acknowledged again")
-
     def _not_ready(self, why: str) -> None:
         self.service.set_ready(False, why)
 
     def _commit(self) -> None:
-        assert self.txn is not None
-        self._send_all()  # every consumed event is in this transaction: its offsets can commit
+        assert self.txn is not None and self.delivery is not None
+        self._send(force=True)  # every consumed event is in this transaction: its offsets can commit
         if not self.txn.batches:
             return
-        self.record, done = self.txn.commit(self._next_record, self._flush_client)
-        for sent in done:
-            if sent.topic is None:
-                self._count(sent)
+        self.record, done = self.txn.commit(self._next_record, self.delivery.flush)
+        self.delivery.count(done)
         self.resume.clear()
 
     def _next_record(self, batches: list[Sent]) -> _Record:
@@ -511,29 +425,6 @@ class EventsService:
         if offsets:
             self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
 
-    def _flush_client(self) -> None:
-        left = self.producer.flush(FLUSH_TIMEOUT_S)
-        self._raise_failures()
-        if left:
-            raise DeliveryError(f"{left} messages still unacknowledged after {FLUSH_TIMEOUT_S:.0f}s")
-
-    def _raise_failures(self) -> None:
-        if self._failures:
-            failures, self._failures = self._failures, []
-            raise DeliveryError(f"{len(failures)} messages were not delivered; first: {failures[0]}")
-
-    def _count(self, sent: Sent) -> None:
-        n, nbytes = len(sent.positions), len(sent.value)
-        self.counts["examples"] += n
-        self.counts["batches"] += 1
-        self.counts["bytes"] += nbytes
-        m.PRODUCER_EXAMPLES.labels(*self.labels).inc(n)
-        m.PRODUCER_BATCHES.labels(*self.labels).inc()
-        m.PRODUCER_BYTES.labels(*self.labels).inc(nbytes)
-        if sent.newest_ms > self._newest_ms:
-            self._newest_ms = sent.newest_ms
-            m.PRODUCER_EVENT_TIME.labels(self.pid).set(sent.newest_ms / 1000.0)
-
     def _observe(self, now: float) -> None:
         if now - self._last_lag >= LAG_EVERY_S:
             self._last_lag = now
@@ -544,25 +435,19 @@ class EventsService:
 
     # -- stop --------------------------------------------------------------------------------
     def close(self) -> None:
-        if self.producer is None:
+        if self.delivery is None:
             return
         try:
             if not self._failed and self.txn is not None:
                 self._commit()
             elif self.txn is not None:
                 self.txn.abandon()
-            self.producer.flush(FLUSH_TIMEOUT_S)
+            self.delivery.drain()
         finally:
             if self.consumer is not None:
                 self.consumer.close()
 
-    def run(self) -> dict[str, Any]:
-        self.start()
-        self.service.run(self.step, self.close)
-        return self.result()
-
     def result(self) -> dict[str, Any]:
-        seconds = time.monotonic() - self._started if self._started else 0.0
         return {
             "source": SOURCE,
             "producer_id": self.pid,
@@ -572,9 +457,7 @@ class EventsService:
             "stopped": "signal",
             **self.counts,
             "next_seq": self.next_seq,
-            "transactions": self.txn.commits if self.txn is not None else 0,
-            "seconds": round(seconds, 3),
-            "examples_per_s": round(self.counts["examples"] / seconds, 1) if seconds > 0 else 0.0,
+            **closing_figures(self._started, self.counts["examples"], self.txn),
         }
 
 
@@ -591,17 +474,11 @@ def run_events(
     embedded broker only), ``examples``/``batches``/``bytes`` (committed), ``transactions``...
     ``producer_overrides`` replace fields of ``config.producer`` (None keeps the config's)."""
     pcfg = producer_settings(config, **producer_overrides)
-    service = Service("producer", pcfg.producer_id, port=pcfg.metrics_port)
-    if stop is not None:
-        service.stopping = stop
-    worker = EventsService(config, producer=pcfg, service=service)  # a bad config fails here
-    if handle_signals:
-        service.install_signal_handlers()
-    if serve_http:
-        service.start_http()
-    try:
-        result = worker.run()
-    finally:
-        service.shutdown_http()
-    log.info("events source stopped", extra=result)
-    return result
+    return run_service(
+        pcfg,
+        lambda service: EventsService(config, producer=pcfg, service=service),
+        handle_signals=handle_signals,
+        serve_http=serve_http,
+        stop=stop,
+        finished="events source stopped",
+    )

@@ -35,6 +35,18 @@ def text_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
+def check_label_tasks(labels: dict[str, str], task_names: list[str], key: str, what: str) -> None:
+    """``labels`` (the config's ``key``) must map every configured task to a ``what`` (column,
+    field) and nothing else; the records of a file and of the events source map alike."""
+    unknown = [n for n in task_names if n not in labels]
+    extra = [n for n in labels if n not in task_names]
+    if unknown or extra:
+        raise ConfigError(
+            f"{key} maps tasks {list(labels)} but [tasks] declares {task_names}; "
+            f"map every configured task to a {what} and nothing else"
+        )
+
+
 def _hash_text(values: np.ndarray) -> np.ndarray:
     """Stable int64 ids for text: hash each distinct value once."""
     uniq, inverse = np.unique(values.astype(str), return_inverse=True)
@@ -156,13 +168,7 @@ class FileSource(ArraySource):
         self.path, self.format, self.cfg = path, fmt, cfg
         # Tasks in the config's order when given, so the batches match [tasks].
         names = list(task_names) if task_names else list(cfg.labels)
-        unknown = [n for n in names if n not in cfg.labels]
-        extra = [n for n in cfg.labels if n not in names]
-        if unknown or extra:
-            raise ConfigError(
-                f"file.labels maps tasks {list(cfg.labels)} but [tasks] declares {names}; "
-                "map every configured task to a column and nothing else"
-            )
+        check_label_tasks(cfg.labels, names, "file.labels", "column")
         self.task_names = names
         self.categorical_names = list(cfg.categorical)
         self.dense_names = list(cfg.dense)

@@ -30,7 +30,7 @@ import numpy as np
 
 from distill.core.config import EventsConfig, NonFinitePolicy
 from distill.core.exceptions import BrokerError, ConfigError, DecodeError
-from producers.file import SECONDS_BELOW, text_id
+from producers.file import SECONDS_BELOW, check_label_tasks, text_id
 from producers.source import Chunk
 
 OFFSET_BITS = 40  # an event's place: partition << 40 | offset (a trillion offsets per partition)
@@ -202,13 +202,7 @@ class Mapper:
     """The ``[events]`` mapping, checked against the configured tasks at start-up."""
 
     def __init__(self, cfg: EventsConfig, task_names: list[str], non_finite: NonFinitePolicy):
-        unknown = [n for n in task_names if n not in cfg.labels]
-        extra = [n for n in cfg.labels if n not in task_names]
-        if unknown or extra:
-            raise ConfigError(
-                f"events.labels maps tasks {list(cfg.labels)} but [tasks] declares {task_names}; "
-                "map every configured task to a field and nothing else"
-            )
+        check_label_tasks(cfg.labels, task_names, "events.labels", "field")
         self.cfg = cfg
         self.label_fields = [cfg.labels[n] for n in task_names]
         self.non_finite = non_finite

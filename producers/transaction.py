@@ -23,7 +23,7 @@ import numpy as np
 from confluent_kafka import KafkaException
 
 from distill.core.exceptions import BrokerError
-from distill.core.kafka import fenced, fenced_error, is_retriable, needs_abort
+from distill.core.kafka import Clients, fenced, fenced_error, is_retriable, needs_abort, retrying
 from producers.recovery import encode_record
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,16 @@ COMMIT_TIMEOUT_S = 30.0
 # partitions wait until the broker aborts it (a restart with the same id aborts it at once).
 TXN_TIMEOUT_MS = 15_000
 MAX_ABORTS = 5  # in a row for one transaction: then the broker is in real trouble
+
+
+def transactional_producer(clients: Clients, transactional_id: str) -> Any:
+    """A client producer with transactions initialised: this aborts the open transaction of a
+    killed predecessor with the same id (and fences it)."""
+    producer = clients.producer(transactional_id=transactional_id, **{"transaction.timeout.ms": TXN_TIMEOUT_MS})
+    for attempt in retrying("initialising transactions", 60.0):
+        with attempt:
+            producer.init_transactions(10)
+    return producer
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The producer service's pure parts: partitioning, pacing, buffering, options, column checks."""
+"""The producer service's pure parts: pacing, options, column checks."""
 
 from __future__ import annotations
 
@@ -7,34 +7,9 @@ import pytest
 
 from distill.core.config import Config
 from distill.core.exceptions import ConfigError
-from producers.service import Pacer, ProducerService, _Buffer, producer_settings, user_partition
-from producers.source import Chunk
+from producers.service import Pacer, ProducerService, producer_settings
 from producers.synthetic import SyntheticSource
-
-
-def chunk(n: int, start: int = 0, step_ms: int = 100) -> Chunk:
-    pos = np.arange(start, start + n, dtype=np.int64)
-    return Chunk(
-        positions=pos,
-        event_time_ms=pos * step_ms,
-        example_ids=pos,
-        users=pos % 7,
-        categorical=np.zeros((n, 3), np.int64),
-        dense=np.zeros((n, 8), np.float32),
-        labels=np.zeros((n, 2), np.float32),
-    )
-
-
-def test_user_partition_is_stable_and_even():
-    users = np.arange(100_000, dtype=np.int64)
-    p = user_partition(users, 4)
-    assert np.array_equal(p, user_partition(users.copy(), 4))
-    counts = np.bincount(p, minlength=4)
-    assert counts.min() > 0.95 * counts.mean()
-    # Pinned: a change here would move users to other partitions in a running deployment.
-    ids = np.array([0, 1, 2, 3, 1000, 12345])
-    assert user_partition(ids, 4).tolist() == [0, 0, 3, 2, 1, 1]
-    assert user_partition(ids, 7).tolist() == [0, 0, 5, 2, 5, 1]
+from tests.unit.producers.chunks import chunk
 
 
 def test_pacer():
@@ -52,15 +27,6 @@ def test_pacer():
     late.schedule(chunk(10), 0.0)
     # Far behind schedule (a stalled broker): no burst of everything that was due.
     assert late.schedule(chunk(10, 10), 100.0)[0] == pytest.approx(99.0)
-
-
-def test_buffer_takes_in_order():
-    b = _Buffer()
-    b.add(chunk(3), 1.0)
-    b.add(chunk(4, 3), 2.0)
-    assert b.rows == 7 and b.since == 1.0
-    assert b.take(5).positions.tolist() == [0, 1, 2, 3, 4]
-    assert b.rows == 2 and b.take(2).positions.tolist() == [5, 6] and b.rows == 0
 
 
 def test_producer_settings():
