@@ -8,7 +8,8 @@ import pytest
 from tests.faults.conftest import check_books, summary
 from tests.integration.workers import produce_synthetic, write_config
 
-STUDENT = {"name": "s1", "label_wait_s": 0.5, "checkpoint": {"every_batches": 5, "every_seconds": 1.0}}
+# label_wait_s: long enough for a label behind Apache Kafka's default fetch wait (500 ms)
+STUDENT = {"name": "s1", "label_wait_s": 1.0, "checkpoint": {"every_batches": 5, "every_seconds": 1.0}}
 
 
 @pytest.mark.both_brokers  # the teacher's group leaves and rejoins; its transactions restart
@@ -17,11 +18,11 @@ def test_students_train_on_hard_labels_while_the_teacher_is_away(make_config, wo
     path = write_config(config, tmp_path / "config.yaml")
     r1 = produce_synthetic(config, 8 * 128, batch_size=128)
     teacher = workers(["teacher", "--config", str(path)], tmp_path / "teacher.log")
+    teacher.wait_ready()  # round 1 is labelled: the student must not outrun a teacher still starting
     student = workers(["student", "--name", "s1", "--config", str(path)], tmp_path / "student.log")
     joined = lambda: student.metric("distill_student_join_total", outcome="joined")  # noqa: E731
     missing = lambda: student.metric("distill_student_join_total", outcome="missing")  # noqa: E731
     trained = lambda: student.metric("distill_student_batches_trained_total")  # noqa: E731
-    teacher.wait_ready()
     student.wait(lambda: trained() >= r1["batches"], "round 1", 60)
     j1, m1 = joined(), missing()
     assert j1 >= r1["batches"] - 2, f"teacher up, yet only {j1} of {r1['batches']} joined ({m1} missing)"
