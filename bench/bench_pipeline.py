@@ -107,6 +107,7 @@ class Run:
             "kafka": {"bootstrap_servers": broker.bootstrap, "session_timeout_ms": SESSION_TIMEOUT_MS},
             "synthetic": {"examples": examples},
         }
+        self.broker = broker
         self.config = load_config(None, environ={}, **merge(base, overrides))
         self.examples = examples
         state.mkdir(parents=True, exist_ok=True)
@@ -239,17 +240,52 @@ def fresh_run(examples: int, *overrides: dict[str, Any]):
             run.stop()
 
 
-def end_to_end(examples: int, *overrides: dict[str, Any]) -> float:
+def end_to_end(examples: int, *overrides: dict[str, Any], cpu: dict[str, float] | None = None) -> float:
     """The teacher and the demo's students on a backlog: the slowest student's steady rate,
-    counted from when the whole backlog is there (it is produced while the workers start)."""
+    counted from when the whole backlog is there (it is produced while the workers start).
+
+    ``cpu``: filled with each process's CPU seconds (broker, teacher, students) from the
+    moment every worker is ready to the last example trained, and ``"wall"``, those seconds."""
     with fresh_run(examples, *overrides) as run:
         teacher = run.spawn("teacher", run.config.teacher.name)
         students = [run.spawn("student", s, "--name", s) for s in DEMO_STUDENTS]
         run.produce()
         produced = time.time()
         run.wait_ready([teacher, *students])
+        assert run.broker.process is not None
+        pids = {"broker": run.broker.process.pid, **{f"{c.role} {c.name}": c.process.pid for c in run.children}}
+        before, started = {k: cpu_seconds(pid) for k, pid in pids.items()}, time.monotonic()
         run.wait_students(DEMO_STUDENTS)
+        if cpu is not None:
+            cpu.update({k: cpu_seconds(pid) - before[k] for k, pid in pids.items()})
+            cpu["wall"] = time.monotonic() - started
         return min(run.steady_rate(s, since=produced) for s in DEMO_STUDENTS)
+
+
+def cpu_rows(cpu: dict[str, float]) -> list[dict]:
+    """Where the transport ceiling's CPU goes: the cores busy over the run, and each process's
+    share of them (the broker's share is what no worker change can take back)."""
+    wall = cpu.pop("wall")
+    total = sum(cpu.values())
+    cores = os.cpu_count() or 1
+    rows = [
+        {
+            "name": "transport ceiling: CPU busy, all processes",
+            "value": total / wall,
+            "unit": "cores",
+            "ratio": total / wall / cores,
+            "vs": f"the machine's {cores} cores",
+        }
+    ]
+    for name, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]):
+        rows.append(
+            {
+                "name": f"transport ceiling: CPU share of the {name}",
+                "value": 100 * seconds / total,
+                "unit": "%",
+            }
+        )
+    return rows
 
 
 def teacher_cpu_per_example(run: Run, teacher: Child, before: int) -> float:
@@ -354,7 +390,8 @@ def label_delays(rate: float, *overrides: dict[str, Any]) -> tuple[np.ndarray, d
 def run() -> list[dict]:
     students = len(DEMO_STUDENTS)
     null = {"teacher": {"model": NULL_MODEL}, "students": [{"name": n, "model": NULL_MODEL} for n in DEMO_STUDENTS]}
-    ceiling = end_to_end(NULL_EXAMPLES, null)
+    cpu: dict[str, float] = {}
+    ceiling = end_to_end(NULL_EXAMPLES, null, cpu=cpu)
     tuned = end_to_end(NULL_EXAMPLES, null, TUNED)
     real = end_to_end(REAL_EXAMPLES)
     cpu1, cpu4, rate1 = label_sharing()
@@ -368,6 +405,7 @@ def run() -> list[dict]:
             "ratio": ceiling / 1e6,
             "vs": aim,
         },
+        *cpu_rows(cpu),
         {
             "name": f"transport ceiling, client settings {TUNED_NAME}",
             "value": tuned,

@@ -8,6 +8,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from distill.core.config import Config, load_config
 from distill.core.kafka import Clients, partition_count
 from distill.core.wire import Codec, ExampleBatch
@@ -32,6 +34,19 @@ def stream(examples: int, partitions: int = 4, **overrides):
         )
         run_producer(cfg, "synthetic", handle_signals=False, serve_http=False, max_examples=examples)
         yield cfg
+
+
+@contextmanager
+def one_thread():
+    """Torch on one thread, as in the worker processes (``distill up`` starts them with
+    OMP_NUM_THREADS=1): both sides of a ratio then run as in production, and a second thread
+    does not wait on a core that a Kafka client thread or another process holds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def read_batches(cfg: Config) -> list[ExampleBatch]:

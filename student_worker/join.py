@@ -15,6 +15,7 @@ train, in example-offset order. Outcomes:
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,11 @@ class PartitionJoin:
         self.label_wait_s = label_wait_s
         self.max_pending = max_pending
         self.examples: deque[PendingExamples] = deque()
+        self._pending: dict[str, PendingExamples] = {}  # the same, by batch id (a label finds its batch)
         self.labels: dict[str, BufferedLabel] = {}
+        # (source offset, batch id) of every label buffered, some already gone: pruning labels
+        # that can no longer join costs O(log n) per trained batch, not a scan of all of them
+        self._by_offset: list[tuple[int, str]] = []
         self.recent: OrderedDict[str, bool] = OrderedDict()  # batch id -> trained with a label
         self._skipped_to = next_offset  # past dead-lettered example batches
         self.label_high = -1  # highest example offset a label has arrived for
@@ -77,14 +82,16 @@ class PartitionJoin:
         """False when the batch was already trained (a replay below the resume offset)."""
         if offset < self.next_offset or (self.examples and offset <= self.examples[-1].offset):
             return False
-        self.examples.append(PendingExamples(batch, offset, now))
+        pending = PendingExamples(batch, offset, now)
+        self.examples.append(pending)
+        self._pending[batch.batch_id] = pending
         return True
 
     def add_label(self, label: LabelBatch, offset: int, now: float, message: Any = None) -> str | None:
         """Buffer a label; returns 'late' or 'duplicate' when it is dropped instead, 'mismatch'
         when its example batch is pending and the ids differ (not buffered: it must not turn
         the real label away as a duplicate)."""
-        pending = next((e for e in self.examples if e.batch.batch_id == label.batch_id), None)
+        pending = self._pending.get(label.batch_id)
         if pending is not None and not label_matches(label, pending.batch):
             return "mismatch"
         self.last_label_at = max(self.last_label_at, now)
@@ -96,6 +103,7 @@ class PartitionJoin:
         if label.source_offset < self.next_offset:
             return "late"
         self.labels[label.batch_id] = BufferedLabel(label, offset, now, message)
+        heapq.heappush(self._by_offset, (label.source_offset, label.batch_id))
         return None
 
     def pop_ready(self, now: float, teacher_seen_at: float = float("-inf")) -> list[Ready]:
@@ -108,6 +116,7 @@ class PartitionJoin:
             if label is None and not self._give_up(head, now, teacher_seen_at):
                 break
             self.examples.popleft()
+            self._pending.pop(head.batch.batch_id, None)
             ready.append(Ready(head, label))
             self._trained(head, label is not None)
         if not self.examples:
@@ -131,8 +140,11 @@ class PartitionJoin:
         if len(self.recent) > _RECENT:
             self.recent.popitem(last=False)
         # labels for batches before the new position can never join now
-        for batch_id in [b for b, bl in self.labels.items() if bl.batch.source_offset < self.next_offset]:
-            del self.labels[batch_id]
+        while self._by_offset and self._by_offset[0][0] < self.next_offset:
+            source_offset, batch_id = heapq.heappop(self._by_offset)
+            buffered = self.labels.get(batch_id)
+            if buffered is not None and buffered.batch.source_offset == source_offset:
+                del self.labels[batch_id]
 
     def label_resume_offset(self, position: int) -> int:
         """Where to re-read labels after a restart: the oldest label still buffered."""

@@ -251,9 +251,9 @@ class StudentWorker(Worker):
         else:
             self.check_broker(bool(self.joins), "assigned" if self.joins else "no partitions assigned")
         started = time.perf_counter()
-        trained = 0
-        for join in self.joins.values():
-            trained += self._train_ready(join.pop_ready(now, self.teacher_seen_at))
+        # every partition's ready batches in one pass: the metrics are updated once per step
+        ready = [r for join in self.joins.values() for r in join.pop_ready(now, self.teacher_seen_at)]
+        trained = self._train_ready(ready)
         if trained:
             elapsed = time.perf_counter() - started
             self.busy_s += elapsed

@@ -87,6 +87,10 @@ class TeacherWorker(Worker):
         self.batches_since_ckpt = 0
         self.last_ckpt = time.monotonic()
         self.outbox: Outbox | None = None  # labels whose transaction has not committed yet
+        self.building: Outbox | None = None  # the transaction being labelled (polls may rebalance)
+        self._layout_ok: tuple[list[str], list[str], list[str]] | None = None
+        self._last_losses: dict = {}
+        self._trained = m.TEACHER_TRAINED.labels(self.name)
         m.TEACHER_VERSION.labels(self.name).set(self.version)
         m.TEACHER_NAN.labels(self.name).inc(0)  # exported at 0 from the start, so increase() alerts see the first one
 
@@ -130,11 +134,17 @@ class TeacherWorker(Worker):
         self.subscribe([self.config.topics.examples])
 
     def on_assign(self, partitions) -> None:
-        # The checkpoint's offsets win over the group's committed ones. Every step commits its
-        # own transaction, so nothing is pending when partitions go.
+        # The checkpoint's offsets win over the group's committed ones.
         for tp in partitions:
             if tp.partition in self.trained_through:
                 tp.offset = self.trained_through[tp.partition]
+
+    def on_revoke(self, partitions) -> None:
+        # A poll inside a transaction being labelled hands partitions away: their labels are
+        # dropped as on an abort (the next owner labels them with weights that have not
+        # trained on them) and their offsets are not committed by this teacher.
+        if self.building is not None:
+            self.building.keep_only(self.assigned - {tp.partition for tp in partitions})
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -158,31 +168,54 @@ class TeacherWorker(Worker):
 
     def _label_and_train(self, records: list[Message]) -> tuple[Outbox, list[Message]]:
         """Label and train batches in offset order until ``max_transaction_seconds`` have gone
-        (at least one batch): the transaction's first labels wait at most about that long."""
-        outbox = Outbox([])
+        (at least one batch): the transaction's first labels wait at most about that long.
+
+        While time is left, what the consumer already holds is read too and joins the same
+        transaction: one commit (two broker round trips) per ``max_transaction_seconds`` rather
+        than per ``max_batches_per_step`` batches."""
+        outbox = self.building = Outbox([])
         now_ms = int(time.time() * 1000)
         started = time.perf_counter()
-        budget = self.config.teacher.max_transaction_seconds
-        for i, msg in enumerate(records):
-            if outbox.records and time.perf_counter() - started >= budget:
-                return outbox, records[i:]
-            outbox.records.append(msg)
-            p = msg.partition()
-            try:
-                batch = self.codec.decode_examples(msg.value(), msg.headers())
-                check_layout(batch, self.config)
-            except DecodeError as exc:
-                outbox.dead.append((msg, exc))
-                self.trained_through[p] = msg.offset() + 1
-                continue
-            watermark = self.trained_through.get(p, 0)  # before this batch: it is out-of-sample
-            logits = self._score_and_train(batch)
+        tc = self.config.teacher
+        try:
+            while records:
+                for i, msg in enumerate(records):
+                    if outbox.records and time.perf_counter() - started >= tc.max_transaction_seconds:
+                        return outbox, records[i:]
+                    self._label_one(msg, outbox, now_ms)
+                if time.perf_counter() - started >= tc.max_transaction_seconds:
+                    break
+                # no wait: an empty prefetch ends the transaction (a live stream's labels go now)
+                records = self.poll(tc.max_batches_per_step, 0)
+            return outbox, []
+        finally:
+            self.building = None
+            self._report_losses()
+
+    def _label_one(self, msg: Message, outbox: Outbox, now_ms: int) -> None:
+        outbox.records.append(msg)
+        p = msg.partition()
+        try:
+            batch = self.codec.decode_examples(msg.value(), msg.headers())
+            self._check_layout(batch)
+        except DecodeError as exc:
+            outbox.dead.append((msg, exc))
             self.trained_through[p] = msg.offset() + 1
-            label = LabelBatch.of(batch, msg, self.version, watermark, self.task_names, logits, now_ms)
-            outbox.labels.append((msg, label))
-            if not self.null:
-                outbox.scores.append((logits, batch.labels))
-        return outbox, []
+            return
+        watermark = self.trained_through.get(p, 0)  # before this batch: it is out-of-sample
+        logits = self._score_and_train(batch)
+        self.trained_through[p] = msg.offset() + 1
+        label = LabelBatch.of(batch, msg, self.version, watermark, self.task_names, logits, now_ms)
+        outbox.labels.append((msg, label))
+        if not self.null:
+            outbox.scores.append((logits, batch.labels))
+
+    def _check_layout(self, batch: ExampleBatch) -> None:
+        """``check_layout`` once per distinct layout: every batch of a stream carries the same."""
+        names = (batch.categorical_names, batch.dense_names, batch.task_names)
+        if names != self._layout_ok:
+            check_layout(batch, self.config)
+            self._layout_ok = names
 
     def _score_and_train(self, batch: ExampleBatch) -> np.ndarray:
         if self.null:  # transport benchmark: zero logits, no forward pass, no training
@@ -191,13 +224,18 @@ class TeacherWorker(Worker):
         assert scored is not None
         if scored.stepped:
             self.examples_trained += batch.size
-            m.TEACHER_TRAINED.labels(self.name).inc(batch.size)
-            for (i, _head), value in scored.losses.items():
-                m.TEACHER_LOSS.labels(self.name, self.task_names[i]).set(value.item())
+            self._trained.inc(batch.size)
+            self._last_losses = scored.losses
         else:
             m.TEACHER_NAN.labels(self.name).inc()
             log.warning("non-finite loss: training step skipped", extra={"batch_id": batch.batch_id})
         return np.ascontiguousarray(scored.main, dtype=np.float32)
+
+    def _report_losses(self) -> None:
+        """The loss gauges take the transaction's last step (read once, not per batch)."""
+        for (i, _head), value in self._last_losses.items():
+            m.TEACHER_LOSS.labels(self.name, self.task_names[i]).set(value.item())
+        self._last_losses = {}
 
     def _publish(self, outbox: Outbox, started: float | None = None) -> bool:
         if not self.transact(lambda: self._transaction(outbox), lambda: self._abort(outbox)):

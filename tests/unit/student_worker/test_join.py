@@ -310,3 +310,16 @@ def test_full_flags(examples):
     join.add_label(label_for(examples(5), 5), 1, now=0.0)
     join.add_label(label_for(examples(6), 6), 2, now=0.0)
     assert join.labels_full
+
+
+def test_a_label_is_checked_against_its_pending_batch_wherever_it_waits(examples):
+    join = new_join()
+    b0, b1 = examples(0), examples(1)
+    join.add_examples(b0, 0, now=0.0)
+    join.add_examples(b1, 1, now=0.0)
+    wrong = label_for(b1, 1)
+    wrong.example_ids_checksum += 1
+    assert join.add_label(wrong, 20, now=0.0) == "mismatch"  # behind the head, still found
+    assert join.labels == {}
+    assert outcomes(join.pop_ready(now=WAIT)) == [("missing", 0), ("missing", 1)]
+    assert join.add_label(wrong, 21, now=WAIT) == "late"  # trained: no longer pending
