@@ -45,6 +45,15 @@ POOL_OVERLAYS = [o for o in APP_OVERLAYS if TEACHER_ROLES[o] == {"trainer", "lab
 SECRET_WORDS = re.compile(r"PASSWORD|SECRET|TOKEN|PRIVATE|CREDENTIAL|_KEY\b|APIKEY", re.I)
 
 
+# registry/repository:tag, optionally pinned by digest (@sha256:...), as the prod overlay does.
+IMAGE_REF = re.compile(r"[a-z0-9.-]+(:\d+)?/[a-z0-9._/-]+:[A-Za-z0-9._-]+(@sha256:[0-9a-f]{64})?")
+
+
+def image_tag(image: str) -> str:
+    """The tag of an image reference, without its digest."""
+    return image.split("@", 1)[0].rsplit(":", 1)[1]
+
+
 def workers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return of_kind(docs, "Deployment")
 
@@ -291,14 +300,14 @@ def test_teacher_device_matches_the_overlay(app_overlays, overlay, tmp_path):
             spec = pod_spec(teacher)
             assert any(t["key"] == gpu for t in spec["tolerations"]), name
             assert spec["nodeSelector"], f"{name}: a GPU teacher must be pinned to GPU nodes"
-            assert c["image"].endswith("-cuda"), name
+            assert image_tag(c["image"]).endswith("-cuda"), name
         else:
             assert cfg.teacher.device == "cpu", name
             assert gpu not in resources.get("requests", {}) and gpu not in resources.get("limits", {}), name
     for d in workers(docs):
         if role_of(d) != "teacher":
             assert gpu not in main_container(d)["resources"].get("limits", {})
-            assert main_container(d)["image"].endswith("-cpu")
+            assert image_tag(main_container(d)["image"]).endswith("-cpu")
 
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
@@ -411,10 +420,10 @@ def test_every_container_has_probes_resources_and_a_restricted_security_context(
             mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
             assert "emptyDir" in volumes[mounts["/tmp"]], f"{where}: a writable /tmp on a read-only root"
             image = c["image"]
-            assert re.fullmatch(r"[a-z0-9.-]+(:\d+)?/[a-z0-9._/-]+:[A-Za-z0-9._-]+", image), (
+            assert IMAGE_REF.fullmatch(image), (
                 f"{where}: image {image!r} is not a full reference with a tag (did an overlay forget `images`?)"
             )
-            assert not image.endswith(":latest"), where
+            assert image_tag(image) != "latest", where
 
 
 @pytest.mark.parametrize("overlay", APP_OVERLAYS)
