@@ -88,6 +88,7 @@ class TeacherWorker(Worker):
         self.last_ckpt = time.monotonic()
         self.outbox: Outbox | None = None  # labels whose transaction has not committed yet
         self.building: Outbox | None = None  # the transaction being labelled (polls may rebalance)
+        self.unread: list[Message] = []  # read, not labelled yet: the next step's first records
         self._layout_ok: tuple[list[str], list[str], list[str]] | None = None
         self._last_losses: dict = {}
         self._trained = m.TEACHER_TRAINED.labels(self.name)
@@ -143,27 +144,29 @@ class TeacherWorker(Worker):
         # A poll inside a transaction being labelled hands partitions away: their labels are
         # dropped as on an abort (the next owner labels them with weights that have not
         # trained on them) and their offsets are not committed by this teacher.
+        gone = {tp.partition for tp in partitions}
         if self.building is not None:
-            self.building.keep_only(self.assigned - {tp.partition for tp in partitions})
+            self.building.keep_only(self.assigned - gone)
+        self.unread = [r for r in self.unread if r.partition() not in gone]  # the next owner reads them
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
         if self.outbox is not None:  # an aborted transaction: send the same labels again
             return self._retry(self.outbox)
         tc = self.config.teacher
-        records = self.poll(tc.max_batches_per_step, tc.poll_timeout_s)
+        # One transaction per step; records read but not labelled in time open the next one.
+        records, self.unread = self.unread or self.poll(tc.max_batches_per_step, tc.poll_timeout_s), []
         if not records:
             self._idle()
             return True
         self.service.set_ready(bool(self.assigned), "assigned")
-        while records:
-            started = time.perf_counter()
-            outbox, records = self._label_and_train(records)
-            self.busy_s += time.perf_counter() - started
-            self._publish(outbox, started)
-            if self.outbox is not None and records:  # aborted: the rest is read again later
-                self.rewind(self.config.topics.examples, records)
-                break
+        started = time.perf_counter()
+        outbox, self.unread = self._label_and_train(records)
+        self.busy_s += time.perf_counter() - started
+        self._publish(outbox, started)
+        if self.outbox is not None and self.unread:  # aborted: the rest is read again later
+            self.rewind(self.config.topics.examples, self.unread)
+            self.unread = []
         return True
 
     def _label_and_train(self, records: list[Message]) -> tuple[Outbox, list[Message]]:
