@@ -56,7 +56,7 @@ class LabelTransactions:
     def abort(self) -> None:
         m.TEACHER_TRANSACTIONS.labels(self.worker.name, "abort").inc()
         try:
-            self.producer.flush(10)  # abort purges unsent messages (see BROKER.md)
+            self.producer.flush(10)  # abort purges unsent messages (docs/kafka.md)
             self.producer.abort_transaction(30)
         except Exception as exc:
             log.warning("abort failed", extra={"error": str(exc)})

@@ -164,7 +164,7 @@ class _ErrorWatch:
         self.authentication: KafkaError | None = None
 
     def __call__(self, err: KafkaError) -> None:
-        if err.code() == KafkaError._AUTHENTICATION and self.authentication is None:  # noqa: SLF001 (public)
+        if err.code() == KafkaError._AUTHENTICATION and self.authentication is None:
             self.authentication = err
         _log_error(err)
 

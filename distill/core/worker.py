@@ -150,6 +150,9 @@ class Worker:
         self.on_assign(partitions)
         self.assigned.update(tp.partition for tp in partitions)
         (consumer.incremental_assign if self.cooperative else consumer.assign)(partitions)
+        # librdkafka keeps a partition paused across unassign/assign: one paused (back-pressure)
+        # when it was revoked or lost would never be fetched again.
+        consumer.resume(partitions)
         log.info("partitions assigned", extra={"partitions": sorted(self.assigned)})
         self.assignment_changed()
 
