@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from bench.workers import one_thread, read_batches, stream, timed_steps
+from bench.workers import Beside, broker_stream, one_thread, read_batches, timed_steps
 from distill.learn.gate import TeacherGate
 from distill.learn.step import Learner, Objective
 from student_worker.worker import StudentWorker
@@ -35,7 +35,8 @@ def in_memory_rate(cfg, batches, logits) -> float:
 
 
 def run() -> list[dict]:
-    with stream(EXAMPLES, students=[{"name": "aux", "mode": "aux", "soft_weight": 1.0}]) as cfg, one_thread():
+    students = [{"name": "aux", "mode": "aux", "soft_weight": 1.0}]
+    with broker_stream(EXAMPLES, students=students) as (cfg, broker), one_thread():
         teacher = TeacherWorker(cfg)
         teacher.start()
         while teacher.examples_trained < EXAMPLES:
@@ -52,7 +53,8 @@ def run() -> list[dict]:
             student.step()
             return student.counts["examples_trained"] > before
 
-        seconds = timed_steps(step, lambda: student.counts["examples_trained"] >= EXAMPLES)
+        beside = Beside(broker)
+        seconds = timed_steps(step, lambda: student.counts["examples_trained"] >= EXAMPLES, beside)
         student.close()
         base_after = in_memory_rate(cfg, batches, logits)
     worker = EXAMPLES / seconds
@@ -66,4 +68,5 @@ def run() -> list[dict]:
             "vs": "same model distillation loop in memory",
         },
         {"name": "student model in memory (aux)", "value": base, "unit": "examples/s"},
+        *beside.rows("student worker"),
     ]

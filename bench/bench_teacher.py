@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from bench.workers import one_thread, read_batches, stream, timed_steps
+from bench.workers import Beside, broker_stream, one_thread, read_batches, timed_steps
 from distill.learn.step import Learner, Objective
 from teacher_worker.worker import TeacherWorker
 
@@ -27,7 +27,7 @@ def in_memory_rate(cfg, batches) -> float:
     return sum(b.size for b in batches) / (time.perf_counter() - started)
 
 
-def worker_rate(cfg) -> float:
+def worker_rate(cfg, beside: Beside) -> float:
     teacher = TeacherWorker(cfg)
     teacher.start()
 
@@ -36,16 +36,17 @@ def worker_rate(cfg) -> float:
         teacher.step()
         return teacher.examples_labeled > before
 
-    seconds = timed_steps(step, lambda: teacher.examples_trained >= EXAMPLES)
+    seconds = timed_steps(step, lambda: teacher.examples_trained >= EXAMPLES, beside)
     teacher.close()
     return EXAMPLES / seconds
 
 
 def run() -> list[dict]:
-    with stream(EXAMPLES) as cfg, one_thread():
+    with broker_stream(EXAMPLES) as (cfg, broker), one_thread():
         batches = read_batches(cfg)
         base_before = in_memory_rate(cfg, batches)
-        worker = worker_rate(cfg)
+        beside = Beside(broker)
+        worker = worker_rate(cfg, beside)
         base_after = in_memory_rate(cfg, batches)
     base = (base_before + base_after) / 2
     return [
@@ -57,4 +58,5 @@ def run() -> list[dict]:
             "vs": "same model predict+train in memory",
         },
         {"name": "teacher model in memory", "value": base, "unit": "examples/s"},
+        *beside.rows("teacher worker"),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from contextlib import contextmanager
@@ -20,6 +21,13 @@ from producers.service import run_producer
 @contextmanager
 def stream(examples: int, partitions: int = 4, **overrides):
     """A broker with ``examples`` synthetic examples produced; yields the config."""
+    with broker_stream(examples, partitions, **overrides) as (cfg, _broker):
+        yield cfg
+
+
+@contextmanager
+def broker_stream(examples: int, partitions: int = 4, **overrides):
+    """``stream``, yielding (config, the embedded broker)."""
     for name in ("distill", "producers", "teacher_worker", "student_worker"):
         logging.getLogger(name).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker:
@@ -33,7 +41,7 @@ def stream(examples: int, partitions: int = 4, **overrides):
             **overrides,
         )
         run_producer(cfg, "synthetic", handle_signals=False, serve_http=False, max_examples=examples)
-        yield cfg
+        yield cfg, broker
 
 
 @contextmanager
@@ -66,12 +74,57 @@ def read_batches(cfg: Config) -> list[ExampleBatch]:
     return out
 
 
-def timed_steps(step, done) -> float:
-    """Seconds from the first step that did work to ``done()``: the group join is not counted."""
+def timed_steps(step, done, beside: Beside | None = None) -> float:
+    """Seconds from the first step that did work to ``done()``: the group join is not counted
+    (nor by ``beside``, which counts from the end of that first step)."""
     started = None
     while not done():
         before = time.perf_counter()
         did = step()
         if started is None and did:
             started = before
+            if beside is not None:
+                beside.start()
+    if beside is not None and started is not None:
+        beside.stop()
     return time.perf_counter() - (started or time.perf_counter())
+
+
+class Beside:
+    """CPU seconds spent beside this thread while a worker runs in it: the broker process's and
+    this process's other threads' (the Kafka clients', the HTTP server's). On a machine with
+    few cores they compete with the training thread, whose wall time per step then exceeds
+    its CPU time."""
+
+    def __init__(self, broker: EmbeddedBroker):
+        assert broker.process is not None
+        self.broker_pid = broker.process.pid
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> None:
+        end = self._now()
+        self.wall, self.thread, self.process, self.broker = (b - a for a, b in zip(self._start, end, strict=True))
+
+    def _now(self) -> tuple[float, float, float, float]:
+        return time.perf_counter(), time.thread_time(), time.process_time(), cpu_seconds(self.broker_pid)
+
+    def rows(self, worker: str) -> list[dict]:
+        clients = self.process - self.thread
+        return [
+            {
+                "name": f"{worker}: CPU beside its thread (broker + client threads)",
+                "value": (self.broker + clients) / self.wall,
+                "unit": "cores",
+                "ratio": self.thread / self.wall,
+                "vs": "its own thread's CPU over wall time",
+            }
+        ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (every thread), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -95,6 +95,10 @@ class StudentWorker(Worker):
         self.recent_outcomes: deque[bool] = deque(maxlen=200)
         self.paused: set[tuple[str, int]] = set()
         self.teacher_seen_at = float("-inf")  # when any label last arrived
+        self._layout_ok: tuple[list[str], list[str], list[str]] | None = None
+        # observed per batch: looked up once
+        self._label_delay = m.STUDENT_LABEL_DELAY.labels(name)
+        self._label_staleness = m.STUDENT_LABEL_STALENESS.labels(name)
         for counter in [m.STUDENT_NAN.labels(name), m.STUDENT_CKPT_FAILURES.labels(name)] + [
             m.STUDENT_JOIN.labels(name, o) for o in ("joined", "missing", "late", "duplicate")
         ]:
@@ -268,12 +272,19 @@ class StudentWorker(Worker):
     def _on_examples(self, msg, join: PartitionJoin, now: float) -> None:
         try:
             batch = self.codec.decode_examples(msg.value(), msg.headers())
-            check_layout(batch, self.config)
+            self._check_layout(batch)
         except DecodeError as exc:
             self.dead_letters.send(msg, exc)
             join.skip(msg.offset())
             return
         join.add_examples(batch, msg.offset(), now)
+
+    def _check_layout(self, batch) -> None:
+        """``check_layout`` once per distinct layout: every batch of a stream carries the same."""
+        names = (batch.categorical_names, batch.dense_names, batch.task_names)
+        if names != self._layout_ok:
+            check_layout(batch, self.config)
+            self._layout_ok = names
 
     def _on_label(self, msg, join: PartitionJoin, now: float) -> None:
         p = msg.partition()
@@ -368,10 +379,9 @@ class StudentWorker(Worker):
             self.trained_batch_ids.append(r.examples.batch.batch_id)
             self.recent_outcomes.append(has_label)
             if has_label:
-                m.STUDENT_LABEL_DELAY.labels(self.name).observe(max(0.0, r.label.arrived - r.examples.arrived))
+                self._label_delay.observe(max(0.0, r.label.arrived - r.examples.arrived))
                 label = r.label.batch  # how far its checkpoint was behind the batch (0 from one teacher)
-                behind = (label.source_offset - label.watermark) * label.size
-                m.STUDENT_LABEL_STALENESS.labels(self.name).observe(behind)
+                self._label_staleness.observe((label.source_offset - label.watermark) * label.size)
         n_joined = len(joined)
         n_missing = len(ready) - n_joined
         n = int(labels.shape[0])
