@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +175,7 @@ class ProducerService(Worker):
         chunk_rows = self.pcfg.batch_size * len(self.batcher.buffers)
         self._buffer_limit = chunk_rows + self.pcfg.batch_size
         start = self.delivered.watermark
-        self._resuming = self.delivered.above().any()
+        self._resuming = bool(self.delivered.above().any())
         self._chunks = iter(self.source.chunks(start=start, size=chunk_rows))
         self.service.set_ready(True, f"producing to {self.topic} ({self.partitions} partitions)")
         log.info(
@@ -188,7 +189,7 @@ class ProducerService(Worker):
             },
         )
 
-    def _deliver_through(self, producer: Any, on_acknowledged: Any = None) -> Delivery:
+    def _deliver_through(self, producer: Any, on_acknowledged: Callable[[Sent], None] | None = None) -> Delivery:
         self.delivery = Delivery(
             producer,
             self.topic,
@@ -340,8 +341,9 @@ class ProducerService(Worker):
         oldest = self.batcher.oldest()
         if oldest is not None:
             deadlines.append(oldest + self.batcher.linger_s)
-        if self.txn is not None and self.txn.deadline() is not None:
-            deadlines.append(self.txn.deadline())
+        txn_deadline = self.txn.deadline() if self.txn is not None else None
+        if txn_deadline is not None:
+            deadlines.append(txn_deadline)
         wait = min(deadlines) - now if deadlines else 0.0
         # At least 1 ms so a high rate releases examples in groups rather than one per step.
         self.producer.poll(min(max(wait, 0.001), 0.1) if wait > 0 else 0)
