@@ -4,7 +4,11 @@ The stream is labelled by a teacher first; then an `aux` student consumes both t
 scores and trains. The baseline runs the same model's forward, aux loss and step on the same
 decoded batches with the same teacher logits. Both run torch on one thread, as the worker
 processes do. Target ratio at least 0.95.
-"""
+
+Two rows say where the rest goes, in the worker's own seconds (immune to the machine's drift
+between the runs): the share of them spent in the model loop itself, and the CPU that ran beside
+the worker's thread (the broker's and the Kafka client threads') with that thread's CPU over
+its wall time (below 1: the thread waited, on the broker or for a core)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from bench.workers import Beside, broker_stream, one_thread, read_batches, timed_steps
+from bench.workers import Beside, InStep, broker_stream, one_thread, read_batches, timed_steps
 from distill.learn.gate import TeacherGate
 from distill.learn.step import Learner, Objective
 from student_worker.worker import StudentWorker
@@ -46,6 +50,7 @@ def run() -> list[dict]:
         logits = [np.zeros((b.size, 2), dtype=np.float32) + 0.1 for b in batches]
         base_before = in_memory_rate(cfg, batches, logits)
         student = StudentWorker(cfg, "aux")
+        in_step = InStep((student.learner, "step"), (student.gate, "update"))  # the loop below: both
         student.start()
 
         def step() -> bool:
@@ -68,5 +73,6 @@ def run() -> list[dict]:
             "vs": "same model distillation loop in memory",
         },
         {"name": "student model in memory (aux)", "value": base, "unit": "examples/s"},
+        in_step.row("student worker", seconds),
         *beside.rows("student worker"),
     ]

@@ -128,3 +128,33 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class InStep:
+    """Wall seconds a worker spends inside the given methods of its objects (its model's
+    learning step, the student's gate): wrapped on the instances, measured in the same
+    seconds as the worker's rate, so the machine's drift between two runs cancels out."""
+
+    def __init__(self, *methods: tuple[object, str]):
+        self.seconds = 0.0
+        for owner, name in methods:
+            setattr(owner, name, self._timed(getattr(owner, name)))
+
+    def _timed(self, method):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
+    def row(self, worker: str, seconds: float) -> dict:
+        return {
+            "name": f"{worker}: share of its time in the model loop",
+            "value": self.seconds,
+            "unit": "s",
+            "ratio": self.seconds / seconds,
+            "vs": f"its {seconds:.2f} s (the rest: consume, decode, join, publish, metrics)",
+        }
