@@ -70,6 +70,7 @@ def test_sigkill_of_the_events_source_loses_and_repeats_nothing(make_config, uni
     writer.join(60)
     total = written[0]
     source = workers(args, log)
+    source.wait_ready()  # a stop before its signal handlers are in would kill it (exit -15)
     _read_until(cfg, total, timeout=90)
     assert source.stop() == 0, source.tail()
     codec = Codec()
