@@ -4,8 +4,8 @@ training rate beside the single-process teacher's.
 * **labelers**: a fresh broker per run. A trainer in this process publishes version 0 (the
   default teacher model) and stops (the staleness bound is lifted: this is the labelling
   cost); N ``distill teacher --role labeler`` processes start
-  (OMP_NUM_THREADS=1) and are waited for on ``/readyz``, which answers 200 once a labeler has
-  partitions, so the group has settled. Then the synthetic stream is produced and the rate is
+  (OMP_NUM_THREADS=1) and are waited for on ``/readyz``, which answers 200 once a labeler is
+  connected with its checkpoint. Then the synthetic stream is produced and the rate is
   the examples over the seconds from the start of producing to the last label, counted from
   the labelers' ``/metrics``. The ratio is two labelers over one, measured one after the other
   in this run. On a machine with fewer cores than labelers + broker + producer the labelers
