@@ -9,14 +9,19 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
 from distill import __version__
-from distill.core.config import Config, Device, Partitioner, TeacherRole, load_config
+from distill.core.config import Config, Device, Partitioner, StudentConfig, TeacherRole, load_config
 from distill.core.exceptions import ConfigError, DistillError
+
+if TYPE_CHECKING:
+    from distill.learn.repository import ModelRepository
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous knowledge distillation over Kafka.")
 
@@ -127,26 +132,28 @@ app.add_typer(models_app, name="models")
 StudentOpt = Annotated[str, typer.Option("--student", "-s", help="Which configured student's exports.")]
 
 
-def _repository(config: Path | None, student: str):
-    """(the student's config, its exports); an unknown student is a ConfigError (exit 2)."""
+@contextmanager
+def _models(config: Path | None, student: str) -> Iterator[tuple[StudentConfig, ModelRepository]]:
+    """(the student's config, its exports); a DistillError ends the command with its exit code
+    (an unknown student is a ConfigError: 2)."""
     from distill.learn.repository import ModelRepository
 
-    cfg = _load(config)
-    return cfg.student(student), ModelRepository(cfg.model_dir(student))
+    try:
+        cfg = _load(config)
+        yield cfg.student(student), ModelRepository(cfg.model_dir(student))
+    except DistillError as exc:
+        _fail(exc)
 
 
 @models_app.command("list")
 def models_list(student: StudentOpt, config: ConfigOpt = None) -> None:
     """The exported versions, oldest first: bytes, LATEST / PROMOTED, windowed figures."""
-    try:
-        _, repo = _repository(config, student)
+    with _models(config, student) as (_, repo):
         repo.require()
         for e in repo.entries():
             marks = ",".join(m for m, on in (("latest", e.latest), ("promoted", e.promoted)) if on)
             figures = " ".join(f"{t}={v:.5f}" for t, v in e.figures.items())
             typer.echo(f"{e.version:>8}  {e.bytes / 1e6:8.2f} MB  {marks:<15}  {figures}")
-    except DistillError as exc:
-        _fail(exc)
 
 
 @models_app.command("promote")
@@ -156,11 +163,9 @@ def models_promote(
     config: ConfigOpt = None,
 ) -> None:
     """Serve a version (PROMOTED and config.pbtxt), whatever the promotion rule said."""
-    try:
-        state = _repository(config, student)[1].promote(version)
+    with _models(config, student) as (_, repo):
+        state = repo.promote(version)
         typer.echo(f"{student}: promoted version {state.promoted} (latest {state.latest})")
-    except DistillError as exc:
-        _fail(exc)
 
 
 @models_app.command("prune")
@@ -170,12 +175,9 @@ def models_prune(
     config: ConfigOpt = None,
 ) -> None:
     """Delete all but the newest KEEP versions and the promoted one."""
-    try:
-        sc, repo = _repository(config, student)
+    with _models(config, student) as (sc, repo):
         state = repo.prune(keep if keep is not None else sc.export.keep)
         typer.echo(f"{student}: deleted {state.deleted or 'nothing'}; kept {state.kept} ({state.bytes / 1e6:.2f} MB)")
-    except DistillError as exc:
-        _fail(exc)
 
 
 def _configure(role: str, name: str) -> None:
