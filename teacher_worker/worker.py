@@ -17,13 +17,17 @@ Order of one step:
   4. every N batches or T seconds: checkpoint model + optimizer + trained-through offsets.
 On restart the checkpoint's offsets win over the group's: batches labelled after the last
 checkpoint are labelled again (same batch id, de-duplicated by readers) and trained once.
+
+A partition taken away before its labels committed (a rebalance, or an assignment lost while
+the coordinator was unreachable) keeps those labels here. If it comes back, the teacher reads
+from the first of those batches again and sends the kept labels rather than training again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from confluent_kafka import Message
@@ -46,22 +50,44 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Labelled:
+    """One example batch's label, and its true labels for the progressive evaluation."""
+
+    record: Message
+    label: LabelBatch
+    truth: np.ndarray | None  # None for the null model (transport benchmark)
+
+
+@dataclass
 class Outbox:
     """One step's output, kept until its transaction commits (and sent again if it aborts)."""
 
     records: list[Message]
-    labels: list[tuple[Message, LabelBatch]] = field(default_factory=list)
+    labels: list[Labelled] = field(default_factory=list)
     dead: list[tuple[Message, DecodeError]] = field(default_factory=list)
-    scores: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (logits, labels)
 
     @property
     def examples(self) -> int:
-        return sum(lb.size for _, lb in self.labels)
+        return sum(e.label.size for e in self.labels)
 
-    def keep_only(self, partitions: set[int]) -> None:
-        self.records = [r for r in self.records if r.partition() in partitions]
-        self.labels = [(r, lb) for r, lb in self.labels if r.partition() in partitions]
-        self.dead = [(r, e) for r, e in self.dead if r.partition() in partitions]
+    def take(self, partitions: set[int]) -> tuple[list[Message], list[Labelled]]:
+        """Remove and return the records and labels of ``partitions``."""
+        taken = [r for r in self.records if r.partition() in partitions]
+        labels = [e for e in self.labels if e.record.partition() in partitions]
+        self.records = [r for r in self.records if r.partition() not in partitions]
+        self.labels = [e for e in self.labels if e.record.partition() not in partitions]
+        self.dead = [(r, e) for r, e in self.dead if r.partition() not in partitions]
+        return taken, labels
+
+
+@dataclass
+class HandedAway:
+    """A partition's batches whose transaction lost the partition: read again from ``start``
+    if it comes back; the kept labels go out instead of a second training step."""
+
+    start: int  # the first record not committed
+    end: int  # past the last one
+    labels: dict[int, Labelled]  # offset -> label
 
 
 class TeacherWorker(Worker):
@@ -89,6 +115,7 @@ class TeacherWorker(Worker):
         self.outbox: Outbox | None = None  # labels whose transaction has not committed yet
         self.building: Outbox | None = None  # the transaction being labelled (polls may rebalance)
         self.unread: list[Message] = []  # read, not labelled yet: the next step's first records
+        self.handed_away: dict[int, HandedAway] = {}  # partition -> labels a lost transaction held
         self._layout_ok: tuple[list[str], list[str], list[str]] | None = None
         self._last_losses: dict = {}
         self._trained = m.TEACHER_TRAINED.labels(self.name)
@@ -108,7 +135,7 @@ class TeacherWorker(Worker):
             {
                 "version": self.version,
                 **self.learner.state_dict(),
-                "trained_through": dict(self.trained_through),
+                "trained_through": self._resume_offsets(),
                 "examples_labeled": self.examples_labeled,
                 "examples_trained": self.examples_trained,
                 "evaluator": self.evaluator.state_dict(),
@@ -119,6 +146,12 @@ class TeacherWorker(Worker):
         m.TEACHER_VERSION.labels(self.name).set(self.version)
         m.TEACHER_CKPT_AGE.labels(self.name).set(time.time())
         m.TEACHER_CKPT_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+
+    def _resume_offsets(self) -> dict[int, int]:
+        """Per partition, where a restart reads from: the next batch to train, or the first
+        handed-away batch whose label is not out yet."""
+        kept = self.handed_away
+        return {p: min(o, kept[p].start) if p in kept else o for p, o in self.trained_through.items()}
 
     def _checkpoint_due(self) -> bool:
         cc = self.config.teacher.checkpoint
@@ -135,19 +168,34 @@ class TeacherWorker(Worker):
         self.subscribe([self.config.topics.examples])
 
     def on_assign(self, partitions) -> None:
-        # The checkpoint's offsets win over the group's committed ones.
+        # The checkpoint's offsets win over the group's committed ones; a partition that comes
+        # back is read again from its first batch whose label did not go out.
         for tp in partitions:
             if tp.partition in self.trained_through:
-                tp.offset = self.trained_through[tp.partition]
+                tp.offset = self._resume_offsets()[tp.partition]
 
     def on_revoke(self, partitions) -> None:
-        # A poll inside a transaction being labelled hands partitions away: their labels are
-        # dropped as on an abort (the next owner labels them with weights that have not
-        # trained on them) and their offsets are not committed by this teacher.
+        # Partitions taken away (or lost) while their labels wait for a commit: this teacher
+        # commits neither their labels nor their offsets. The next owner labels them with
+        # weights that have not trained on them; if they come back here, the kept labels go out.
         gone = {tp.partition for tp in partitions}
-        if self.building is not None:
-            self.building.keep_only(self.assigned - gone)
-        self.unread = [r for r in self.unread if r.partition() not in gone]  # the next owner reads them
+        for outbox in (self.building, self.outbox):
+            if outbox is not None:
+                self._hand_away(outbox, gone)
+        self.unread = [r for r in self.unread if r.partition() not in gone]  # read again from trained_through
+
+    def _hand_away(self, outbox: Outbox, gone: set[int]) -> None:
+        records, labels = outbox.take(gone)
+        for p in {r.partition() for r in records}:
+            kept = HandedAway(
+                start=min(r.offset() for r in records if r.partition() == p),
+                end=self.trained_through[p],
+                labels={e.record.offset(): e for e in labels if e.record.partition() == p},
+            )
+            if p in self.handed_away:  # taken away again before all of it was read again
+                old = self.handed_away[p]
+                kept = HandedAway(min(old.start, kept.start), max(old.end, kept.end), old.labels | kept.labels)
+            self.handed_away[p] = kept
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -163,10 +211,7 @@ class TeacherWorker(Worker):
         started = time.perf_counter()
         outbox, self.unread = self._label_and_train(records)
         self.busy_s += time.perf_counter() - started
-        self._publish(outbox, started)
-        if self.outbox is not None and self.unread:  # aborted: the rest is read again later
-            self.rewind(self.config.topics.examples, self.unread)
-            self.unread = []
+        self._publish(outbox, started)  # aborted: the unread records wait until the retry commits
         return True
 
     def _label_and_train(self, records: list[Message]) -> tuple[Outbox, list[Message]]:
@@ -198,6 +243,8 @@ class TeacherWorker(Worker):
     def _label_one(self, msg: Message, outbox: Outbox, now_ms: int) -> None:
         outbox.records.append(msg)
         p = msg.partition()
+        if p in self.handed_away and self._send_kept(msg, outbox):
+            return
         try:
             batch = self.codec.decode_examples(msg.value(), msg.headers())
             self._check_layout(batch)
@@ -209,9 +256,24 @@ class TeacherWorker(Worker):
         logits = self._score_and_train(batch)
         self.trained_through[p] = msg.offset() + 1
         label = LabelBatch.of(batch, msg, self.version, watermark, self.task_names, logits, now_ms)
-        outbox.labels.append((msg, label))
-        if not self.null:
-            outbox.scores.append((logits, batch.labels))
+        outbox.labels.append(Labelled(msg, label, None if self.null else batch.labels))
+
+    def _send_kept(self, msg: Message, outbox: Outbox) -> bool:
+        """A batch read again after its partition came back: its kept label, if it has one (it
+        was scored before the weights trained on it; training again would count it twice)."""
+        kept = self.handed_away[msg.partition()]
+        offset = msg.offset()
+        if offset >= kept.end:
+            del self.handed_away[msg.partition()]
+            return False
+        kept.start = offset + 1
+        label = kept.labels.pop(offset, None)
+        if kept.start >= kept.end:
+            del self.handed_away[msg.partition()]
+        if label is None:  # a dead letter: decoded (and dead-lettered) again
+            return False
+        outbox.labels.append(replace(label, record=msg))
+        return True
 
     def _check_layout(self, batch: ExampleBatch) -> None:
         """``check_layout`` once per distinct layout: every batch of a stream carries the same."""
@@ -248,9 +310,10 @@ class TeacherWorker(Worker):
         self.examples_labeled += outbox.examples
         m.TEACHER_EXAMPLES.labels(self.name).inc(outbox.examples)
         m.TEACHER_LABEL_BATCHES.labels(self.name).inc(len(outbox.labels))
-        if outbox.scores:
+        scored = [e for e in outbox.labels if e.truth is not None]
+        if scored:
             self.evaluator.update(
-                "main", np.concatenate([s for s, _ in outbox.scores]), np.concatenate([y for _, y in outbox.scores])
+                "main", np.concatenate([e.label.logits for e in scored]), np.concatenate([e.truth for e in scored])
             )
         self.batches_since_ckpt += len(outbox.records)
         if started is not None:
@@ -264,12 +327,10 @@ class TeacherWorker(Worker):
         return True
 
     def _retry(self, outbox: Outbox) -> bool:
-        # Serve rebalance callbacks first, so the labels of a revoked partition are dropped;
-        # a record the poll returns is read again later (seek back to it).
-        assert self.consumer is not None
+        # Serve rebalance callbacks first, so the labels of a revoked partition are handed
+        # away; a record the poll returns waits with the other unread ones.
         time.sleep(self.config.teacher.poll_timeout_s)
-        self.rewind(self.config.topics.examples, [msg for msg in self.consumer.consume(1, 0) if msg.error() is None])
-        outbox.keep_only(self.assigned)
+        self.unread += self.poll(1, 0)
         if not outbox.records:
             self.outbox = None
             return True
@@ -279,17 +340,14 @@ class TeacherWorker(Worker):
         self.labels.begin()
         for msg, exc in outbox.dead:
             self.labels.dead(msg, exc)
-        for msg, label in outbox.labels:
-            self.labels.label(label, msg.partition())
+        for e in outbox.labels:
+            self.labels.label(e.label, e.record.partition())
         self.labels.commit({msg.partition(): msg.offset() + 1 for msg in outbox.records})
 
     def _abort(self, outbox: Outbox) -> None:
-        """Abort; keep the labels to send again, for the partitions this teacher still owns.
-
-        Labels of a partition handed to another teacher are dropped: that one labels them with
-        its own weights (which have not trained on them). The consumer does not seek back."""
+        """Abort; keep the labels to send again (the consumer does not seek back)."""
         self.labels.abort()
-        outbox.keep_only(self.assigned)
+        self._hand_away(outbox, {r.partition() for r in outbox.records} - self.assigned)
         self.outbox = outbox if outbox.records else None
 
     def _idle(self) -> None:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, TopicPartition
 
 from distill.core.wire import Codec, LabelBatch, ids_checksum
 from distill.learn.step import predict
@@ -150,11 +150,11 @@ def test_an_aborted_transaction_sends_the_same_labels_again(make_config, kafka_f
         records += [m for m in teacher.consumer.consume(4 - len(records), 0.5) if m.error() is None]
     outbox, rest = teacher._label_and_train(records)
     assert len(outbox.labels) == 4 and not rest
-    scored = {lb.batch_id: lb.logits.copy() for _, lb in outbox.labels}
+    scored = {e.label.batch_id: e.label.logits.copy() for e in outbox.labels}
     teacher.producer.begin_transaction()  # the transaction a failed commit leaves open
-    for _, label in outbox.labels:
-        value, headers = teacher.codec.encode_labels(label)
-        teacher.producer.produce(config.topics.labels, value=value, key=label.batch_id.encode(), headers=headers)
+    for e in outbox.labels:
+        value, headers = teacher.codec.encode_labels(e.label)
+        teacher.producer.produce(config.topics.labels, value=value, key=e.label.batch_id.encode(), headers=headers)
     teacher._abort(outbox)
     assert teacher.outbox is outbox and teacher.examples_labeled == 0
     run_until(lambda: teacher.outbox is None, [teacher.step], 30)
@@ -172,6 +172,46 @@ def test_an_aborted_transaction_sends_the_same_labels_again(make_config, kafka_f
         np.testing.assert_array_equal(lb.logits, scored[lb.batch_id])
     if kafka_flavour == "apache":
         assert len(labels) == 4  # the aborted transaction is hidden
+
+
+@pytest.mark.both_brokers
+def test_a_partition_lost_before_its_labels_committed_and_back_sends_the_kept_labels(make_config, kafka_flavour):
+    """An assignment lost while a transaction waits to commit (a coordinator unreachable for
+    longer than the session timeout) and then given back: the teacher reads those batches
+    again and sends the labels it scored before training on them, without training twice;
+    no batch is left unlabelled and a checkpoint in between resumes before them."""
+    config = make_config(topics={"partitions": 1}, teacher={"max_transaction_seconds": 30.0})
+    produce_synthetic(config, 4 * 128, batch_size=128)
+    teacher = TeacherWorker(config)
+    teacher.start()
+    records: list = []
+    deadline = time.monotonic() + 30
+    while len(records) < 4 and time.monotonic() < deadline:  # polls until assigned, as a step does
+        records += [m for m in teacher.consumer.consume(4 - len(records), 0.5) if m.error() is None]
+    outbox, rest = teacher._label_and_train(records)
+    assert len(outbox.labels) == 4 and not rest
+    scored = {e.label.batch_id: e.label.logits.copy() for e in outbox.labels}
+    teacher.producer.begin_transaction()  # the commit fails: aborted, the labels wait for a retry
+    teacher._abort(outbox)
+    first = records[0].offset()
+    tp = TopicPartition(config.topics.examples, 0)
+    teacher._revoked(teacher.consumer, [tp])  # the session expired: librdkafka calls on_lost
+    assert not teacher.outbox.records and teacher.handed_away[0].start == first
+    assert teacher._resume_offsets() == {0: first}  # a checkpoint now would resume before them
+    produce_synthetic(config, 2 * 128, batch_size=128)
+    back = TopicPartition(config.topics.examples, 0)
+    teacher._assigned(teacher.consumer, [back])  # the rejoin gives it back
+    assert back.offset == first
+    run_until(lambda: teacher.examples_labeled >= 6 * 128, [teacher.step], 30)
+    assert not teacher.handed_away and teacher.examples_trained == 6 * 128  # trained once each
+    teacher.close()
+    labels = [lb for _, _, lb in read_labels(config)]
+    assert {lb.batch_id for lb in labels} == set(example_batch_ids(config))
+    for lb in labels:
+        if lb.batch_id in scored:  # the kept, out-of-sample labels
+            np.testing.assert_array_equal(lb.logits, scored[lb.batch_id])
+    if kafka_flavour == "apache":
+        assert len(labels) == 6
 
 
 def test_checkpoint_restore_resumes_at_the_right_offsets(make_config):
