@@ -1,7 +1,8 @@
 """Run every ``bench/bench_*.py`` and print one table: ``python -m bench [codec ...]``.
 
-Arguments select modules by a part of their name. A module that fails is reported with its
-error and the others still run; the exit status is 1 when any failed.
+Arguments select modules by their name (``teacher`` is bench_teacher only) or, when no module
+has that name, by a part of it (``pipe``). A module that fails is reported with its error and
+the others still run; the exit status is 1 when any failed.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ COLUMNS = ("module", "name", "value", "unit", "ratio", "vs")
 
 def discover(selected: list[str]) -> list[str]:
     names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("bench_"))
-    if selected:
-        names = [n for n in names if any(s in n for s in selected)]
-    return names
+    if not selected:
+        return names
+    chosen: set[str] = set()
+    for s in selected:
+        exact = [n for n in names if n.removeprefix("bench_") == s.removeprefix("bench_")]
+        chosen.update(exact or [n for n in names if s in n])
+    return [n for n in names if n in chosen]
 
 
 def fmt_number(x: Any) -> str:
