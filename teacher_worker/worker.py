@@ -36,7 +36,7 @@ from distill.core import metrics as m
 from distill.core.checkpoint import Checkpointer
 from distill.core.config import Config
 from distill.core.exceptions import DecodeError
-from distill.core.kafka import ensure_topics
+from distill.core.kafka import ensure_topics, seek_to
 from distill.core.layout import check_layout
 from distill.core.service import Service
 from distill.core.wire import ExampleBatch, LabelBatch
@@ -203,7 +203,7 @@ class TeacherWorker(Worker):
             return self._retry(self.outbox)
         tc = self.config.teacher
         # One transaction per step; records read but not labelled in time open the next one.
-        records, self.unread = self.unread or self.poll(tc.max_batches_per_step, tc.poll_timeout_s), []
+        records, self.unread = self.unread or self._read(tc.max_batches_per_step, tc.poll_timeout_s), []
         if not records:
             self._idle()
             return True
@@ -213,6 +213,12 @@ class TeacherWorker(Worker):
         self.busy_s += time.perf_counter() - started
         self._publish(outbox, started)  # aborted: the unread records wait until the retry commits
         return True
+
+    def _read(self, max_messages: int, timeout: float) -> list[Message]:
+        """Records of the partitions this teacher owns now. A poll that revoked a partition
+        may still return records fetched for it before: labelling them would move its
+        trained-through offset past batches whose labels it handed away."""
+        return [r for r in self.poll(max_messages, timeout) if r.partition() in self.assigned]
 
     def _label_and_train(self, records: list[Message]) -> tuple[Outbox, list[Message]]:
         """Label and train batches in offset order until ``max_transaction_seconds`` have gone
@@ -234,15 +240,17 @@ class TeacherWorker(Worker):
                 if time.perf_counter() - started >= tc.max_transaction_seconds:
                     break
                 # no wait: an empty prefetch ends the transaction (a live stream's labels go now)
-                records = self.poll(tc.max_batches_per_step, 0)
+                records = self._read(tc.max_batches_per_step, 0)
             return outbox, []
         finally:
             self.building = None
             self._report_losses()
 
     def _label_one(self, msg: Message, outbox: Outbox, now_ms: int) -> None:
-        outbox.records.append(msg)
         p = msg.partition()
+        if p in self.handed_away and self._past_kept(msg):
+            return
+        outbox.records.append(msg)
         if p in self.handed_away and self._send_kept(msg, outbox):
             return
         try:
@@ -258,14 +266,25 @@ class TeacherWorker(Worker):
         label = LabelBatch.of(batch, msg, self.version, watermark, self.task_names, logits, now_ms)
         outbox.labels.append(Labelled(msg, label, None if self.null else batch.labels))
 
+    def _past_kept(self, msg: Message) -> bool:
+        """A record after the kept batches of a partition that came back, read before them:
+        not labelled; the partition is read again from the first kept one."""
+        kept = self.handed_away[msg.partition()]
+        if msg.offset() < kept.end:
+            return False
+        log.error(
+            "read past the labels kept for a partition that came back: reading from them again",
+            extra={"partition": msg.partition(), "offset": msg.offset(), "kept_from": kept.start},
+        )
+        assert self.consumer is not None
+        seek_to(self.consumer, self.config.topics.examples, {msg.partition(): kept.start})
+        return True
+
     def _send_kept(self, msg: Message, outbox: Outbox) -> bool:
         """A batch read again after its partition came back: its kept label, if it has one (it
         was scored before the weights trained on it; training again would count it twice)."""
         kept = self.handed_away[msg.partition()]
         offset = msg.offset()
-        if offset >= kept.end:
-            del self.handed_away[msg.partition()]
-            return False
         kept.start = offset + 1
         label = kept.labels.pop(offset, None)
         if kept.start >= kept.end:
@@ -330,7 +349,7 @@ class TeacherWorker(Worker):
         # Serve rebalance callbacks first, so the labels of a revoked partition are handed
         # away; a record the poll returns waits with the other unread ones.
         time.sleep(self.config.teacher.poll_timeout_s)
-        self.unread += self.poll(1, 0)
+        self.unread += self._read(1, 0)
         if not outbox.records:
             self.outbox = None
             return True

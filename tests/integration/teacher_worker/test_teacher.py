@@ -14,7 +14,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from distill.core.wire import Codec, LabelBatch, ids_checksum
 from distill.learn.step import predict
 from distill.sweep.arms import SweepTeacher
-from teacher_worker.worker import TeacherWorker
+from teacher_worker.worker import Outbox, TeacherWorker
 from tests.integration.workers import (
     example_batch_ids,
     kill9,
@@ -202,6 +202,13 @@ def test_a_partition_lost_before_its_labels_committed_and_back_sends_the_kept_la
     back = TopicPartition(config.topics.examples, 0)
     teacher._assigned(teacher.consumer, [back])  # the rejoin gives it back
     assert back.offset == first
+    # A record fetched before the loss can still come after it: one past the kept batches is
+    # not labelled (that would move the partition past them); it is read again after them.
+    end = teacher.handed_away[0].end
+    past = next(m for m in read_all(config, config.topics.examples) if m.offset() >= end)
+    stray = Outbox([])
+    teacher._label_one(past, stray, 0)
+    assert not stray.records and not stray.labels and teacher.handed_away[0].start == first
     run_until(lambda: teacher.examples_labeled >= 6 * 128, [teacher.step], 30)
     assert not teacher.handed_away and teacher.examples_trained == 6 * 128  # trained once each
     teacher.close()
