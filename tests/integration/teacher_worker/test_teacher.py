@@ -134,14 +134,9 @@ def _read_uncommitted(config, topic: str) -> list:
     return read_all(config, topic, timeout=30, committed=False)
 
 
-@pytest.mark.both_brokers
-@pytest.mark.both_brokers
-def test_an_aborted_transaction_sends_the_same_labels_again(make_config, kafka_flavour):
-    """A failed commit is aborted; its labels, scored before the weights trained on those
-    batches, go out again unchanged in the next transaction, never rescored by weights that
-    have trained on them since."""
-    config = make_config(topics={"partitions": 1}, teacher={"max_transaction_seconds": 30.0})
-    produce_synthetic(config, 4 * 128, batch_size=128)
+def _four_batches_labelled(config):
+    """A started teacher that has read, labelled and trained 4 batches, with nothing committed:
+    the teacher, the records, their outbox and each batch's logits as labelled."""
     teacher = TeacherWorker(config)
     teacher.start()
     records: list = []
@@ -150,7 +145,17 @@ def test_an_aborted_transaction_sends_the_same_labels_again(make_config, kafka_f
         records += [m for m in teacher.consumer.consume(4 - len(records), 0.5) if m.error() is None]
     outbox, rest = teacher._label_and_train(records)
     assert len(outbox.labels) == 4 and not rest
-    scored = {e.label.batch_id: e.label.logits.copy() for e in outbox.labels}
+    return teacher, records, outbox, {e.label.batch_id: e.label.logits.copy() for e in outbox.labels}
+
+
+@pytest.mark.both_brokers
+def test_an_aborted_transaction_sends_the_same_labels_again(make_config, kafka_flavour):
+    """A failed commit is aborted; its labels, scored before the weights trained on those
+    batches, go out again unchanged in the next transaction, never rescored by weights that
+    have trained on them since."""
+    config = make_config(topics={"partitions": 1}, teacher={"max_transaction_seconds": 30.0})
+    produce_synthetic(config, 4 * 128, batch_size=128)
+    teacher, records, outbox, scored = _four_batches_labelled(config)
     teacher.producer.begin_transaction()  # the transaction a failed commit leaves open
     for e in outbox.labels:
         value, headers = teacher.codec.encode_labels(e.label)
@@ -182,15 +187,7 @@ def test_a_partition_lost_before_its_labels_committed_and_back_sends_the_kept_la
     no batch is left unlabelled and a checkpoint in between resumes before them."""
     config = make_config(topics={"partitions": 1}, teacher={"max_transaction_seconds": 30.0})
     produce_synthetic(config, 4 * 128, batch_size=128)
-    teacher = TeacherWorker(config)
-    teacher.start()
-    records: list = []
-    deadline = time.monotonic() + 30
-    while len(records) < 4 and time.monotonic() < deadline:  # polls until assigned, as a step does
-        records += [m for m in teacher.consumer.consume(4 - len(records), 0.5) if m.error() is None]
-    outbox, rest = teacher._label_and_train(records)
-    assert len(outbox.labels) == 4 and not rest
-    scored = {e.label.batch_id: e.label.logits.copy() for e in outbox.labels}
+    teacher, records, outbox, scored = _four_batches_labelled(config)
     teacher.producer.begin_transaction()  # the commit fails: aborted, the labels wait for a retry
     teacher._abort(outbox)
     first = records[0].offset()
