@@ -218,6 +218,24 @@ def test_a_partition_lost_before_its_labels_committed_and_back_sends_the_kept_la
         assert len(labels) == 6
 
 
+def test_records_of_a_partition_the_teacher_does_not_own_are_not_read(make_config):
+    """What a poll returns for a partition no longer assigned (fetched before a revoke) is
+    dropped: labelling it would move that partition's trained-through offset."""
+    config = make_config(topics={"partitions": 2})
+    produce_synthetic(config, 8 * 128, batch_size=128)
+    teacher = TeacherWorker(config)
+    teacher.start()
+    deadline = time.monotonic() + 30
+    while teacher.assigned != {0, 1} and time.monotonic() < deadline:
+        teacher._read(1, 0.5)  # joins the group; the consumer keeps both partitions
+    teacher.assigned = {0}  # the bookkeeping as right after partition 1 was revoked
+    seen: list = []
+    while len(seen) < 4 and time.monotonic() < deadline:
+        seen += teacher._read(100, 0.5)
+    assert seen and {m.partition() for m in seen} == {0}
+    teacher.close()
+
+
 def test_checkpoint_restore_resumes_at_the_right_offsets(make_config):
     config = make_config(topics={"partitions": 2})
     n1 = produce_synthetic(config, 10 * 200, batch_size=200)["batches"]
