@@ -43,6 +43,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
+	@$(MAKE) --no-print-directory kafka-jars || echo "warning: no Apache Kafka jars; its benchmark rows will say so"
 	$(BIN)/python -m bench
 
 # A few minutes of the whole pipeline at full speed: memory stays bounded, lag returns to zero.
