@@ -37,9 +37,9 @@ def worker_rate(cfg, beside: Beside) -> tuple[float, dict]:
     teacher.start()
 
     def step() -> bool:
-        before = teacher.examples_labeled
+        before = teacher.examples_trained
         teacher.step()
-        return teacher.examples_labeled > before
+        return teacher.examples_trained > before
 
     seconds = timed_steps(step, lambda: teacher.examples_trained >= EXAMPLES, beside)
     teacher.close()

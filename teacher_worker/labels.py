@@ -42,14 +42,15 @@ class LabelTransactions:
             self.topics.labels, value=value, key=label.batch_id.encode(), partition=partition, headers=headers
         )
 
-    def commit(self, offsets: dict[int, int]) -> None:
-        """Commit with the examples offsets (partition -> next offset) read by this transaction."""
-        consumer = self.worker.consumer
-        assert consumer is not None
+    def commit(self, offsets: dict[int, int], group_metadata: Any = None) -> None:
+        """Commit with the examples offsets (partition -> next offset) read by this transaction.
+        ``group_metadata``: the consumer's, taken on the thread that polls it (default: now)."""
         if offsets:
-            self.producer.send_offsets_to_transaction(
-                partitions_at(self.topics.examples, offsets), consumer.consumer_group_metadata(), 30
-            )
+            if group_metadata is None:
+                consumer = self.worker.consumer
+                assert consumer is not None
+                group_metadata = consumer.consumer_group_metadata()
+            self.producer.send_offsets_to_transaction(partitions_at(self.topics.examples, offsets), group_metadata, 30)
         self.producer.commit_transaction(60)
         m.TEACHER_TRANSACTIONS.labels(self.worker.name, "commit").inc()
 

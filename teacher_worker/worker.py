@@ -12,9 +12,14 @@ Order of one step:
      NaN loss skips the optimizer step and is counted) -> one LabelBatch to the same partition
      number of the labels topic (batch id, checksum, version, watermark);
   3. dead letters, labels and the examples offsets in one transaction; commit (exactly-once
-     labels on Kafka). A failed commit is aborted and the *same* labels are sent again in a new
-     transaction (never relabelled: the weights have trained on those batches since);
-  4. every N batches or T seconds: checkpoint model + optimizer + trained-through offsets.
+     labels on Kafka). The commit runs on a publisher thread while the next transaction's
+     batches are labelled and trained: its broker round trips leave the training thread. A
+     transaction is sent only once the one before it has committed, so labels keep their
+     order. A failed commit is aborted and the *same* labels are sent again in a new
+     transaction, with those labelled meanwhile (never relabelled: the weights have trained
+     on those batches since);
+  4. every N batches or T seconds: checkpoint model + optimizer + trained-through offsets,
+     once every label of a trained batch has committed (the checkpoint resumes past them).
 On restart the checkpoint's offsets win over the group's: batches labelled after the last
 checkpoint are labelled again (same batch id, de-duplicated by readers) and trained once.
 
@@ -27,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from confluent_kafka import Message
@@ -65,6 +72,13 @@ class Outbox:
     records: list[Message]
     labels: list[Labelled] = field(default_factory=list)
     dead: list[tuple[Message, DecodeError]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)  # when its first batch was read
+
+    def extend(self, later: Outbox) -> None:
+        """Join the next transaction's output to this one (sent again together, in order)."""
+        self.records += later.records
+        self.labels += later.labels
+        self.dead += later.dead
 
     @property
     def examples(self) -> int:
@@ -112,7 +126,10 @@ class TeacherWorker(Worker):
         self.evaluator.load_state_dict(state.get("evaluator", {}))
         self.batches_since_ckpt = 0
         self.last_ckpt = time.monotonic()
-        self.outbox: Outbox | None = None  # labels whose transaction has not committed yet
+        self.outbox: Outbox | None = None  # labels whose transaction aborted: sent again next step
+        self.committing: tuple[Outbox, Future[bool]] | None = None  # on the publisher thread
+        self.publisher = ThreadPoolExecutor(1, thread_name_prefix=f"{self.role}-commit")
+        self._last_committed = 0.0  # perf_counter of the last commit counted
         self.building: Outbox | None = None  # the transaction being labelled (polls may rebalance)
         self.unread: list[Message] = []  # read, not labelled yet: the next step's first records
         self.handed_away: dict[int, HandedAway] = {}  # partition -> labels a lost transaction held
@@ -179,6 +196,7 @@ class TeacherWorker(Worker):
         # commits neither their labels nor their offsets. The next owner labels them with
         # weights that have not trained on them; if they come back here, the kept labels go out.
         gone = {tp.partition for tp in partitions}
+        self._settle()  # the transaction in flight either committed or is kept like the others
         for outbox in (self.building, self.outbox):
             if outbox is not None:
                 self._hand_away(outbox, gone)
@@ -209,9 +227,14 @@ class TeacherWorker(Worker):
             return True
         self.service.set_ready(bool(self.assigned), "assigned")
         started = time.perf_counter()
-        outbox, self.unread = self._label_and_train(records)
+        outbox, self.unread = self._label_and_train(records)  # the previous transaction commits meanwhile
         self.busy_s += time.perf_counter() - started
-        self._publish(outbox, started)  # aborted: the unread records wait until the retry commits
+        self._settle()
+        if self.outbox is not None:  # the previous one aborted: this one goes out with its retry
+            self.outbox.extend(outbox)
+            return True
+        self._send(outbox)
+        self._after_commit()
         return True
 
     def _read(self, max_messages: int, timeout: float) -> list[Message]:
@@ -321,11 +344,28 @@ class TeacherWorker(Worker):
             m.TEACHER_LOSS.labels(self.name, self.task_names[i]).set(value.item())
         self._last_losses = {}
 
-    def _publish(self, outbox: Outbox, started: float | None = None) -> bool:
-        if not self.transact(lambda: self._transaction(outbox), lambda: self._abort(outbox)):
-            return True
-        self.outbox = None
-        # counted once the transaction has committed
+    def _send(self, outbox: Outbox) -> None:
+        """Commit ``outbox`` on the publisher thread; ``_settle`` takes the outcome."""
+        assert self.consumer is not None and self.committing is None
+        metadata = self.consumer.consumer_group_metadata()  # the polling thread's, for the commit
+        future = self.publisher.submit(self.transact, lambda: self._transaction(outbox, metadata), self.labels.abort)
+        self.committing = (outbox, future)
+
+    def _settle(self) -> None:
+        """Wait for the transaction in flight: counted if it committed, kept to send again if it
+        aborted. A fenced producer's error is raised here, on the worker's thread."""
+        if self.committing is None:
+            return
+        outbox, future = self.committing
+        self.committing = None
+        if future.result():
+            self._committed(outbox)
+        else:
+            self._keep_for_retry(outbox)
+
+    def _committed(self, outbox: Outbox) -> None:
+        """Counted once the transaction has committed."""
+        now = time.perf_counter()
         self.examples_labeled += outbox.examples
         m.TEACHER_EXAMPLES.labels(self.name).inc(outbox.examples)
         m.TEACHER_LABEL_BATCHES.labels(self.name).inc(len(outbox.labels))
@@ -335,41 +375,53 @@ class TeacherWorker(Worker):
                 "main", np.concatenate([e.label.logits for e in scored]), np.concatenate([e.truth for e in scored])
             )
         self.batches_since_ckpt += len(outbox.records)
-        if started is not None:
-            elapsed = time.perf_counter() - started
-            m.TEACHER_STEP_SECONDS.labels(self.name).observe(elapsed)
-            m.TEACHER_THROUGHPUT.labels(self.name).set(self.throughput.update(outbox.examples, elapsed))
+        m.TEACHER_STEP_SECONDS.labels(self.name).observe(now - outbox.started)
+        # transactions overlap (one commits while the next trains): the rate is per wall second
+        wall = now - max(outbox.started, self._last_committed)
+        m.TEACHER_THROUGHPUT.labels(self.name).set(self.throughput.update(outbox.examples, wall))
+        self._last_committed = now
+
+    def _after_commit(self) -> None:
         if self._checkpoint_due():
-            self.checkpoint()
+            self._settle()  # the checkpoint resumes past every trained batch: their labels first
+            if self.outbox is None:
+                self.checkpoint()
         if self.progress.due(self.examples_labeled):
             self.write_progress()
-        return True
 
     def _retry(self, outbox: Outbox) -> bool:
         # Serve rebalance callbacks first, so the labels of a revoked partition are handed
         # away; a record the poll returns waits with the other unread ones.
         time.sleep(self.config.teacher.poll_timeout_s)
         self.unread += self._read(1, 0)
-        if not outbox.records:
-            self.outbox = None
-            return True
-        return self._publish(outbox)
+        self.outbox = None
+        if outbox.records:
+            self._send(outbox)
+            self._settle()
+            self._after_commit()
+        return True
 
-    def _transaction(self, outbox: Outbox) -> None:
+    def _transaction(self, outbox: Outbox, group_metadata: Any) -> None:
         self.labels.begin()
         for msg, exc in outbox.dead:
             self.labels.dead(msg, exc)
         for e in outbox.labels:
             self.labels.label(e.label, e.record.partition())
-        self.labels.commit({msg.partition(): msg.offset() + 1 for msg in outbox.records})
+        self.labels.commit({msg.partition(): msg.offset() + 1 for msg in outbox.records}, group_metadata)
 
     def _abort(self, outbox: Outbox) -> None:
         """Abort; keep the labels to send again (the consumer does not seek back)."""
         self.labels.abort()
+        self._keep_for_retry(outbox)
+
+    def _keep_for_retry(self, outbox: Outbox) -> None:
         self._hand_away(outbox, {r.partition() for r in outbox.records} - self.assigned)
         self.outbox = outbox if outbox.records else None
 
     def _idle(self) -> None:
+        self._settle()
+        if self.outbox is not None:  # aborted: sent again next step
+            return
         self.check_broker(bool(self.assigned), "assigned" if self.assigned else "no partitions assigned")
         if self._checkpoint_due():
             self.checkpoint()
@@ -396,6 +448,10 @@ class TeacherWorker(Worker):
         }
 
     def finish(self) -> None:
+        try:
+            self._settle()
+        finally:
+            self.publisher.shutdown()
         if self.outbox is not None:
             # Trained on batches whose labels are not out: a checkpoint would skip them.
             log.warning("stopping with labels unpublished: they are labelled again after the restart")

@@ -29,18 +29,20 @@ def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def auc_exact(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUC with tied scores at their average rank. One sort: the ties are the runs
+    of equal values in the sorted scores (the window's AUC is computed at every progress line)."""
     pos = labels > 0.5
+    n = len(labels)
     n_pos = int(pos.sum())
-    n_neg = len(labels) - n_pos
+    n_neg = n - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
+    order = np.argsort(scores)  # not stable: tied scores share one rank anyway
     sorted_scores = scores[order]
-    # average ranks of ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
+    first = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    counts = np.diff(np.r_[first, n])
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = np.repeat(first + (counts - 1) / 2.0 + 1, counts)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
