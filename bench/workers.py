@@ -6,6 +6,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,6 +73,27 @@ def read_batches(cfg: Config) -> list[ExampleBatch]:
                 quiet = time.monotonic()
     consumer.close()
     return out
+
+
+ROUNDS = 3
+
+
+def interleaved(base: Callable[[], float], worker: Callable[[int], tuple[float, list[dict]]], rounds: int = ROUNDS):
+    """Worker runs between runs of the in-memory baseline. Each round's ratio is the worker's
+    rate over the mean of the baseline runs on either side of it, so the machine's drift
+    within a run cancels; the median round is reported, with the range of the ratios.
+
+    ``worker(round)`` returns (examples/s, rows of that round). Returns (median round's rate,
+    median ratio, (lowest, highest) ratio, mean baseline rate, median round's rows)."""
+    bases = [base()]
+    results = []
+    for r in range(rounds):
+        rate, rows = worker(r)
+        bases.append(base())
+        results.append((rate / ((bases[-2] + bases[-1]) / 2), rate, rows))
+    results.sort(key=lambda x: x[0])
+    ratio, rate, rows = results[len(results) // 2]
+    return rate, ratio, (results[0][0], results[-1][0]), sum(bases) / len(bases), rows
 
 
 def timed_steps(step, done, beside: Beside | None = None) -> float:

@@ -51,6 +51,14 @@ def test_due_after_every_s(tmp_path):
     assert log.due()
 
 
+def test_due_by_stream_position_at_most_every_min_interval(tmp_path):
+    log = ProgressLog(tmp_path, "student", "aux", every_s=3600.0, every_examples=100, min_interval_s=3600.0)
+    log.write({"x": 1}, examples=0)
+    assert not log.due(99) and not log.due(10_000)  # far enough along, but too soon after the last line
+    log.min_interval_s = 0.0
+    assert not log.due(99) and log.due(100)
+
+
 def test_clean_json_makes_strict_json_and_rounds_only_when_asked():
     value = {1: [float("nan"), float("inf"), 0.123456789, (2, True)], "s": "x"}
     assert clean_json(value) == {"1": [None, None, 0.123456789, [2, True]], "s": "x"}
