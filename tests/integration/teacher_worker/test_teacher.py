@@ -324,3 +324,42 @@ def test_teacher_learns_better_than_a_small_model(make_config):
     assert results["teacher"]["auc"] > 0.58, results
     assert results["teacher"]["auc"] > results["small"]["auc"] + 0.025, results
     assert results["teacher"]["logloss"] < results["small"]["logloss"], results
+
+
+def test_commits_overlap_training_but_checkpoints_and_labels_wait_for_them(make_config):
+    """The commit runs on the publisher thread while the next transaction trains. A checkpoint
+    never resumes past an offset whose labels have not committed (else a crash would leave
+    those batches unlabelled), and the labels reach the topic in offset order."""
+    config = make_config(
+        topics={"partitions": 1},
+        teacher={
+            "max_transaction_seconds": 0.001,  # one transaction per batch or two: many overlap
+            "checkpoint": {"every_batches": 1},
+            "model": {"hidden": [16], "embedding_dim": 8},
+        },
+    )
+    produced = produce_synthetic(config, 40 * 64, batch_size=64)
+    teacher = TeacherWorker(config)
+    teacher.start()
+    examples = TopicPartition(config.topics.examples, 0)
+    checked = 0
+
+    def step() -> None:
+        nonlocal checked
+        teacher.step()
+        found = teacher.checkpointer.load_latest()
+        if found is None:
+            return
+        state = found[1]
+        # every batch trained when it was taken had its labels committed
+        assert state["examples_labeled"] == state["examples_trained"], state["version"]
+        committed = teacher.consumer.committed([examples], 10)[0].offset
+        assert state["trained_through"].get(0, 0) <= committed
+        checked += 1
+
+    run_until(lambda: teacher.examples_labeled >= produced["examples"], [step], 60)
+    teacher.close()
+    assert checked >= 10
+    assert teacher.version >= 10  # checkpoints were taken between the overlapping commits
+    offsets = [lb.source_offset for _, _, lb in read_labels(config)]
+    assert len(offsets) == produced["batches"] and offsets == sorted(offsets)
