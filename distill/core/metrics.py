@@ -42,7 +42,7 @@ TEACHER_LABEL_BATCHES = Counter("distill_teacher_label_batches_total", "Label ba
 TEACHER_TRAINED = Counter("distill_teacher_examples_trained_total", "Examples the teacher trained on", ["teacher"])
 TEACHER_STEP_SECONDS = Histogram(
     "distill_teacher_step_seconds",
-    "Time of one step: predict, publish, train, commit",
+    "Time of one transaction, from reading its first batch to its commit (score, train, publish, commit)",
     ["teacher"],
     buckets=LATENCY_BUCKETS,
 )
