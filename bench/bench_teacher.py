@@ -10,8 +10,9 @@ between the runs): the share of them spent in the model loop itself, and the CPU
 the worker's thread (the broker's and the Kafka client threads') with that thread's CPU over
 its wall time (below 1: the thread waited, on the broker or for a core).
 
-The machine is shared: three worker runs alternate with four baseline runs, and the median
-round's ratio is reported with the range."""
+The machine is shared: five worker runs alternate with six baseline runs, and the median
+round's ratio is reported with the range. The window opens when the worker's first poll returns
+records (the group join and the first fetch are start-up)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from bench.workers import ROUNDS, Beside, InStep, broker_stream, interleaved, on
 from distill.learn.step import Learner, Objective
 from teacher_worker.worker import TeacherWorker
 
-EXAMPLES = 60_000
+EXAMPLES = 120_000
 
 
 def in_memory_rate(cfg, batches) -> float:
@@ -44,7 +45,7 @@ def worker_rate(cfg, beside: Beside) -> tuple[float, list[dict]]:
         teacher.step()
         return teacher.examples_trained > before
 
-    seconds = timed_steps(step, lambda: teacher.examples_trained >= EXAMPLES, beside)
+    seconds = timed_steps(step, lambda: teacher.examples_trained >= EXAMPLES, beside, teacher)
     teacher.close()
     return EXAMPLES / seconds, [in_step.row("teacher worker", seconds), *beside.rows("teacher worker")]
 

@@ -14,7 +14,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from distill.core.wire import Codec, LabelBatch, ids_checksum
 from distill.learn.step import predict
 from distill.sweep.arms import SweepTeacher
-from teacher_worker.worker import Outbox, TeacherWorker
+from teacher_worker.worker import Outbox, Read, TeacherWorker
 from tests.integration.workers import (
     example_batch_ids,
     kill9,
@@ -143,7 +143,7 @@ def _four_batches_labelled(config):
     deadline = time.monotonic() + 30
     while len(records) < 4 and time.monotonic() < deadline:  # polls until assigned, as a step does
         records += [m for m in teacher.consumer.consume(4 - len(records), 0.5) if m.error() is None]
-    outbox, rest = teacher._label_and_train(records)
+    outbox, rest = teacher._label_and_train([Read(m, teacher._decode(m)) for m in records])
     assert len(outbox.labels) == 4 and not rest
     return teacher, records, outbox, {e.label.batch_id: e.label.logits.copy() for e in outbox.labels}
 
@@ -204,7 +204,7 @@ def test_a_partition_lost_before_its_labels_committed_and_back_sends_the_kept_la
     end = teacher.handed_away[0].end
     past = next(m for m in read_all(config, config.topics.examples) if m.offset() >= end)
     stray = Outbox([])
-    teacher._label_one(past, stray, 0)
+    teacher._label_one(Read(past, teacher._decode(past)), stray, 0)
     assert not stray.records and not stray.labels and teacher.handed_away[0].start == first
     run_until(lambda: teacher.examples_labeled >= 6 * 128, [teacher.step], 30)
     assert not teacher.handed_away and teacher.examples_trained == 6 * 128  # trained once each
@@ -232,7 +232,7 @@ def test_records_of_a_partition_the_teacher_does_not_own_are_not_read(make_confi
     seen: list = []
     while len(seen) < 4 and time.monotonic() < deadline:
         seen += teacher._read(100, 0.5)
-    assert seen and {m.partition() for m in seen} == {0}
+    assert seen and {r.record.partition() for r in seen} == {0}
     teacher.close()
 
 
