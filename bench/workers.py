@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from distill.core.config import Config, load_config
-from distill.core.kafka import Clients, partition_count
+from distill.core.kafka import Clients, local_profile, partition_count
 from distill.core.wire import Codec, ExampleBatch
 from distill.core.worker import Worker
 from distill.local.broker import EmbeddedBroker
@@ -37,7 +37,7 @@ def broker_stream(examples: int, partitions: int = 4, **overrides):
             None,
             environ={},
             state_dir=tmp,
-            kafka={"bootstrap_servers": broker.bootstrap},
+            kafka={"bootstrap_servers": broker.bootstrap, "extra": local_profile({})},  # as `distill up` runs it
             topics={"partitions": partitions},
             synthetic={"examples": examples},
             **overrides,
