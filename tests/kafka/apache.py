@@ -202,9 +202,9 @@ class ApacheKafka:
         (folder / "log4j2.properties").write_text(LOG4J)
         return path
 
-    def format(self, timeout_s: float = 60.0) -> None:
+    def format(self, timeout_s: float = 60.0, cluster_id: str | None = None) -> None:
         """``kafka-storage format`` on every node, in parallel (one JVM start each)."""
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         scram = []
         for user, password in (self.security.users if self.security else {}).items():
             scram += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]"]
@@ -212,7 +212,8 @@ class ApacheKafka:
         for node in range(self.brokers):
             props = self._properties(node)
             log = open(self.root / f"node-{node}" / "format.log", "wb")
-            args = ("format", "-t", cluster_id, "-c", str(props), *scram)
+            # One argument: a random id can start with "-", which argparse reads as an option.
+            args = ("format", f"--cluster-id={cluster_id}", "-c", str(props), *scram)
             procs.append((node, log, _java("kafka.tools.StorageTool", *args, log=log)))
         for node, log, proc in procs:
             code = proc.wait(timeout_s)

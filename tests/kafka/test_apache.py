@@ -14,15 +14,28 @@ from tests.kafka.apache import ApacheKafka, unavailable
 pytestmark = pytest.mark.apache
 
 
-@pytest.fixture
-def cluster(tmp_path):
+def need_apache_kafka() -> None:
     reason = unavailable()
     if reason:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true and Apache Kafka cannot run: {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    need_apache_kafka()
     with ApacheKafka(brokers=3, root=tmp_path) as kafka:
         yield kafka
+
+
+def test_a_cluster_id_that_starts_with_a_dash_formats(tmp_path):
+    # A random id starts with "-" one time in 64; passed as its own argument, it read as an option.
+    need_apache_kafka()
+    kafka = ApacheKafka(root=tmp_path)
+    kafka.format(cluster_id="-" + "A" * 21)
+    meta = (tmp_path / "node-0" / "data" / "meta.properties").read_text()
+    assert "cluster.id=-" + "A" * 21 in meta
 
 
 def test_three_brokers_commit_transactions_with_the_leader_killed(cluster):
