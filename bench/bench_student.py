@@ -54,7 +54,7 @@ def worker_rate(cfg, name: str, beside: Beside) -> tuple[float, list[dict]]:
 
     seconds = timed_steps(step, lambda: student.counts["examples_trained"] >= EXAMPLES, beside, student)
     student.close()
-    return EXAMPLES / seconds, [in_step.row("student worker", seconds), *beside.rows("student worker")]
+    return EXAMPLES / seconds, [*in_step.rows("student worker", seconds), *beside.rows("student worker")]
 
 
 def run() -> list[dict]:

@@ -47,7 +47,7 @@ def worker_rate(cfg, beside: Beside) -> tuple[float, list[dict]]:
 
     seconds = timed_steps(step, lambda: teacher.examples_trained >= EXAMPLES, beside, teacher)
     teacher.close()
-    return EXAMPLES / seconds, [in_step.row("teacher worker", seconds), *beside.rows("teacher worker")]
+    return EXAMPLES / seconds, [*in_step.rows("teacher worker", seconds), *beside.rows("teacher worker")]
 
 
 def run() -> list[dict]:

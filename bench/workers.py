@@ -186,24 +186,35 @@ class InStep:
 
     def __init__(self, *methods: tuple[object, str]):
         self.seconds = 0.0
+        self.cpu = 0.0  # the thread's CPU seconds in them: below the wall seconds, it waited
         for owner, name in methods:
             setattr(owner, name, self._timed(getattr(owner, name)))
 
     def _timed(self, method):
         def timed(*args, **kwargs):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return method(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - started
+                self.cpu += time.thread_time() - cpu
 
         return timed
 
-    def row(self, worker: str, seconds: float) -> dict:
-        return {
-            "name": f"{worker}: share of its time in the model loop",
-            "value": self.seconds,
-            "unit": "s",
-            "ratio": self.seconds / seconds,
-            "vs": f"its {seconds:.2f} s (the rest: consume, decode, join, publish, metrics)",
-        }
+    def rows(self, worker: str, seconds: float) -> list[dict]:
+        return [
+            {
+                "name": f"{worker}: share of its time in the model loop",
+                "value": self.seconds,
+                "unit": "s",
+                "ratio": self.seconds / seconds,
+                "vs": f"its {seconds:.2f} s (the rest: consume, decode, join, publish, metrics)",
+            },
+            {
+                "name": f"{worker}: its thread's CPU in the model loop",
+                "value": self.cpu,
+                "unit": "s",
+                "ratio": self.cpu / self.seconds if self.seconds else None,
+                "vs": "the loop's wall seconds (below 1: it waited for the GIL or a core)",
+            },
+        ]

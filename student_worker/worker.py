@@ -30,7 +30,7 @@ from distill.core.service import Service
 from distill.core.wire import ids_checksum
 from distill.core.worker import Worker, run_worker
 from distill.learn.evaluation import ProgressiveEvaluator
-from distill.learn.export import export_serving_model
+from distill.learn.export import ServingGraphs, export_serving_model
 from distill.learn.gate import TeacherGate
 from distill.learn.models import resolve_device, weights_finite
 from distill.learn.step import Learner, Objective, Scored
@@ -67,6 +67,7 @@ class StudentWorker(Worker):
         self.model, self.optimizer = self.learner.model, self.learner.optimizer
         self.gate = TeacherGate.of(sc, self.distilled, self.kinds)
         self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, name), sc.checkpoint.keep)
+        self.graphs = ServingGraphs()  # traced at the first export, refilled at the next ones
         self.evaluator = ProgressiveEvaluator(self.task_names, self.kinds)
         state = self.restore(self.checkpointer, self.learner)  # {} on a fresh start
         self.version: int = state.get("version", 0)
@@ -151,6 +152,7 @@ class StudentWorker(Worker):
                 metrics=self.evaluator.snapshot(),
                 compared_tasks=[self.task_names[i] for i in self.distilled] or None,
                 baseline=self.baseline,
+                graphs=self.graphs,
             )
         except OSError as exc:
             # Nothing is committed past the last durable checkpoint; retried at the next one.

@@ -14,7 +14,7 @@ import torch
 
 from distill.core.config import CategoricalFeature, ExportConfig, FeaturesConfig, ModelConfig, TaskConfig
 from distill.core.exceptions import CheckpointError
-from distill.learn.export import export_serving_model, load_serving_model
+from distill.learn.export import ServingGraphs, export_serving_model, load_serving_model
 from distill.learn.models import RankingModel, ServingModel, make_optimizer, target_moments
 from distill.learn.repository import ModelRepository
 
@@ -244,6 +244,33 @@ def test_re_export_of_a_version_replaces_it(tmp_path):
         torch.testing.assert_close(load_serving_model(tmp_path, 7)(cat, dense), served(second, cat, dense))
         scripted = torch.jit.load(str(tmp_path / "7" / "model.pt"))
         torch.testing.assert_close(scripted(cat, dense), served(second, cat, dense), rtol=0, atol=1e-5)
+
+
+def test_later_exports_fill_the_first_exports_graphs_with_their_own_weights(tmp_path):
+    """A student traces its graphs once: each later version carries its own weights and
+    target moments, in model.pt and model.pt2 alike; another architecture is traced anew."""
+    graphs = ServingGraphs()
+    models = {v: trained_model(seed=v, steps=5 * v) for v in (1, 2, 3)}  # moments of 320, 640, 960 targets
+    for v, m in models.items():
+        export_serving_model(m, FEATURES, TASKS, MODEL, tmp_path, version=v, graphs=graphs)
+    assert graphs.traces == 1
+    cat, dense = inputs(37, seed=4)  # another batch size than the trace's
+    with torch.no_grad():
+        for v, m in models.items():
+            expected = served(m, cat, dense)
+            scripted = torch.jit.load(str(tmp_path / str(v) / "model.pt"))
+            program = torch.export.load(str(tmp_path / str(v) / "model.pt2")).module()
+            torch.testing.assert_close(scripted(cat, dense), expected, rtol=0, atol=1e-5)
+            torch.testing.assert_close(program(cat, dense), expected, rtol=0, atol=1e-5)
+        assert not torch.allclose(served(models[1], cat, dense), served(models[3], cat, dense))
+
+    wider = ModelConfig(embedding_dim=6, hidden=[16, 8], cross_layers=1)
+    other = RankingModel(FEATURES, TASKS, wider)
+    export_serving_model(other, FEATURES, TASKS, wider, tmp_path / "wider", version=1, graphs=graphs)
+    assert graphs.traces == 2
+    scripted = torch.jit.load(str(tmp_path / "wider" / "1" / "model.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(cat, dense), served(other.eval(), cat, dense), rtol=0, atol=1e-5)
 
 
 def test_missing_version_is_an_error(tmp_path):
