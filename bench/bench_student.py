@@ -44,7 +44,7 @@ def in_memory_rate(cfg, batches, logits) -> float:
 
 def worker_rate(cfg, name: str, beside: Beside) -> tuple[float, list[dict]]:
     student = StudentWorker(cfg, name)
-    in_step = InStep((student.learner, "step"), (student.gate, "update"))  # the loop in memory: both
+    in_step = InStep((student.learner, "tensors"), (student.learner, "step"), (student.gate, "update"))  # as in memory
     student.start()
 
     def step() -> bool:

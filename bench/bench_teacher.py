@@ -37,7 +37,7 @@ def in_memory_rate(cfg, batches) -> float:
 
 def worker_rate(cfg, beside: Beside) -> tuple[float, list[dict]]:
     teacher = TeacherWorker(cfg)
-    in_step = InStep((teacher.learner, "step"))
+    in_step = InStep((teacher.learner, "tensors"), (teacher.learner, "step"))  # what the baseline times
     teacher.start()
 
     def step() -> bool:
