@@ -68,7 +68,7 @@ class TeacherGate:
                 continue
             student, label = self.student_loss[j] / self.seen[j], self.label_loss[j] / self.seen[j]
             lead = (student - label) / max(student, _EPS)
-            out.append(float(np.clip(lead / self.config.margin + shift, 0.0, 1.0)))
+            out.append(min(max(float(lead / self.config.margin + shift), 0.0), 1.0))  # np.clip: 10x the time
         return out
 
     def leads(self) -> list[float]:
