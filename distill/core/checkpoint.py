@@ -27,6 +27,13 @@ MAGIC = b"DISTILLCKPT1"
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 
 
+def serialize(state: dict[str, Any]) -> bytes:
+    """The payload of a checkpoint: the state as it is now (its tensors are copied)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
 class Checkpointer:
     def __init__(self, directory: Path | str, keep: int = 3):
         self.dir = Path(directory)
@@ -42,12 +49,14 @@ class Checkpointer:
         return self.dir / f"ckpt-{version:012d}.pt"
 
     def save(self, version: int, state: dict[str, Any]) -> Path:
+        return self.write(version, serialize(state))
+
+    def write(self, version: int, payload: bytes) -> Path:
+        """Make a ``serialize``d state durable as ``version``, then drop all but the newest
+        ``keep``. Holds no reference to live tensors: it may run on another thread."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        payload = buf.getvalue()
         path = self.path(version)
-        atomic_write(path, MAGIC + hashlib.sha256(payload).digest() + payload)
+        atomic_write(path, MAGIC + hashlib.sha256(payload).digest(), payload)
         for old in self.versions()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
         return path

@@ -4,6 +4,7 @@ out-of-sample, aborted transactions, crashes, learning."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -324,6 +325,42 @@ def test_teacher_learns_better_than_a_small_model(make_config):
     assert results["teacher"]["auc"] > 0.58, results
     assert results["teacher"]["auc"] > results["small"]["auc"] + 0.025, results
     assert results["teacher"]["logloss"] < results["small"]["logloss"], results
+
+
+def test_a_checkpoint_holds_the_state_when_taken_and_is_written_while_training_goes_on(make_config, tmp_path):
+    """The state is serialized when the checkpoint is taken; the write and its fsyncs run on the
+    checkpoint thread, and a write that fails raises at the next checkpoint."""
+    teacher = TeacherWorker(make_config(teacher={"model": {"hidden": [16], "embedding_dim": 8}}))
+    write, release, writers = teacher.checkpointer.write, threading.Event(), []
+
+    def held_write(version, payload):  # the real write, once the test lets it go
+        writers.append(threading.current_thread().name)
+        assert release.wait(30)
+        return write(version, payload)
+
+    teacher.checkpointer.write = held_write
+    teacher.examples_trained = 5
+    weights = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    teacher.checkpoint()  # returns while the write waits
+    assert teacher.checkpointer.versions() == []
+    teacher.examples_trained = 99  # training goes on meanwhile
+    with torch.no_grad():
+        for p in teacher.model.parameters():
+            p.add_(1.0)
+    release.set()
+    teacher.checkpoint_written()
+    version, state = teacher.checkpointer.load_latest()
+    assert (version, state["examples_trained"], writers) == (1, 5, ["teacher-checkpoint_0"])
+    for k, v in weights.items():
+        assert torch.equal(state["model"][k], v), k
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the checkpoint directory should be")
+    teacher.checkpointer.dir = blocker / "ckpt"
+    teacher.checkpoint()  # taken; its write fails on the checkpoint thread
+    with pytest.raises(OSError):
+        teacher.checkpoint()
+    teacher.checkpoint_writer.shutdown()
 
 
 def test_commits_overlap_training_but_checkpoints_and_labels_wait_for_them(make_config):
