@@ -65,7 +65,10 @@ TEACHER_CKPT_AGE = Gauge(
     "distill_teacher_checkpoint_timestamp_seconds", "Unix time of the last durable checkpoint", ["teacher"]
 )
 TEACHER_CKPT_SECONDS = Histogram(
-    "distill_teacher_checkpoint_seconds", "Time to write a checkpoint", ["teacher"], buckets=LATENCY_BUCKETS
+    "distill_teacher_checkpoint_seconds",
+    "Time from taking a checkpoint to its being durable (the write runs beside training)",
+    ["teacher"],
+    buckets=LATENCY_BUCKETS,
 )
 TEACHER_THROUGHPUT = Gauge(
     "distill_teacher_examples_per_second", "Examples labelled per second (moving average)", ["teacher"]
