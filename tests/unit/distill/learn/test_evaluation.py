@@ -202,6 +202,24 @@ def test_task_metrics_state_round_trip_continues_identically(kind):
         assert b.windowed()[key] == pytest.approx(value, rel=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["binary", "regression"])
+def test_a_state_without_the_ring_of_losses_gives_the_same_windowed_metrics(kind):
+    """A checkpoint written before the ring of each example's loss existed: the loss of the
+    window is recomputed from its predictions and labels on load."""
+    logits, labels = binary_stream(300, seed=9)
+    a = TaskMetrics(kind, window=64)
+    a.update(logits, labels)
+    old = {k: v for k, v in _roundtrip(a.state_dict()).items() if k != "_ring_loss"}
+    b = TaskMetrics(kind, window=64)
+    b.load_state_dict(old)
+    for key, value in a.windowed().items():
+        assert b.windowed()[key] == pytest.approx(value, rel=1e-12), key
+    a.update(logits[:40], labels[:40])
+    b.update(logits[:40], labels[:40])
+    for key, value in a.windowed().items():
+        assert b.windowed()[key] == pytest.approx(value, rel=1e-12), key
+
+
 def test_progressive_evaluator_with_task_subset_and_state_round_trip():
     rng = np.random.default_rng(8)
     names, kinds = ["click", "watch", "like"], ["binary", "regression", "binary"]
