@@ -78,9 +78,11 @@ class TaskMetrics:
         if self.kind == "binary":
             pred = _sigmoid(output)
             bins = np.minimum((pred * _BINS).astype(np.int64), _BINS - 1)
-            positive = label > 0.5
-            self.pos += np.bincount(bins[positive], minlength=_BINS)
-            self.neg += np.bincount(bins[~positive], minlength=_BINS)
+            # one pass: the negatives' bins first, then the positives' (two bincounts of masked
+            # copies took three times as long)
+            counts = np.bincount(bins + _BINS * (label > 0.5), minlength=2 * _BINS)
+            self.neg += counts[:_BINS]
+            self.pos += counts[_BINS:]
         else:
             pred = output
         loss = example_losses(self.kind, pred, label)
