@@ -190,10 +190,7 @@ class StudentWorker(Worker):
             log.warning("offset commit failed (the checkpoint still holds them)", extra={"error": str(exc)})
 
     def _checkpoint_due(self) -> bool:
-        cc = self.sc.checkpoint
-        return self.batches_since_ckpt > 0 and (
-            self.batches_since_ckpt >= cc.every_batches or time.monotonic() - self.last_ckpt >= cc.every_seconds
-        )
+        return self.sc.checkpoint.due(self.batches_since_ckpt, time.monotonic() - self.last_ckpt)
 
     # -- Kafka ---------------------------------------------------------------------------------
     def start(self) -> None:

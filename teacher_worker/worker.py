@@ -197,10 +197,7 @@ class TeacherWorker(Worker):
         return {p: min(o, kept[p].start) if p in kept else o for p, o in self.trained_through.items()}
 
     def _checkpoint_due(self) -> bool:
-        cc = self.config.teacher.checkpoint
-        return self.batches_since_ckpt > 0 and (
-            self.batches_since_ckpt >= cc.every_batches or time.monotonic() - self.last_ckpt >= cc.every_seconds
-        )
+        return self.config.teacher.checkpoint.due(self.batches_since_ckpt, time.monotonic() - self.last_ckpt)
 
     # -- Kafka -------------------------------------------------------------------------------
     def start(self) -> None:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.core.config import Config, StudentConfig, load_config
+from distill.core.config import CheckpointConfig, Config, StudentConfig, load_config
 from distill.core.exceptions import ConfigError
 
 
@@ -154,6 +154,17 @@ def test_env_overrides_scalars_and_nested(tmp_path):
     assert cfg.teacher.checkpoint.every_batches == 17
     assert cfg.file.sort_by_time is False
     assert cfg.producer.rate == 1500.5
+
+
+def test_checkpoints_are_by_time_unless_a_batch_count_is_set():
+    by_time = Config().teacher.checkpoint
+    assert by_time == Config().student("aux").checkpoint and by_time.every_batches is None
+    assert not by_time.due(batches=10**9, seconds=by_time.every_seconds - 0.1)
+    assert by_time.due(batches=1, seconds=by_time.every_seconds)
+    assert not by_time.due(batches=0, seconds=10**9)  # nothing trained since the last one
+    both = CheckpointConfig(every_seconds=30, every_batches=100)
+    assert both.due(batches=100, seconds=0) and both.due(batches=1, seconds=30)
+    assert not both.due(batches=99, seconds=29.9)
 
 
 def test_env_json_values():
