@@ -66,6 +66,7 @@ def run() -> list[dict]:
         while teacher.examples_trained < EXAMPLES:
             teacher.step()
         teacher.close()
+        del teacher  # its clients go with the broker still there (broker_stream collects them)
         batches = read_batches(cfg)
         logits = [np.zeros((b.size, 2), dtype=np.float32) + 0.1 for b in batches]
         worker, ratio, (low, high), base, rows = interleaved(

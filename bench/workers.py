@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
@@ -43,7 +44,12 @@ def broker_stream(examples: int, partitions: int = 4, **overrides):
             **overrides,
         )
         run_producer(cfg, "synthetic", handle_signals=False, serve_http=False, max_examples=examples)
-        yield cfg, broker
+        try:
+            yield cfg, broker
+        finally:
+            # The closed workers' Kafka clients go while the broker is still there: collected
+            # after it, they log a reconnection error a second each until they are.
+            gc.collect()
 
 
 @contextmanager
