@@ -1,7 +1,7 @@
 """The transport ceiling on Apache Kafka beside the embedded broker, in one run.
 
 The same run as bench_pipeline's first row (a null teacher and the demo's three null students
-as separate processes over a 1 M-example backlog, each broker's default client settings (the
+as separate processes over a 3 M-example backlog, each broker's default client settings (the
 local profile on the embedded broker, as `distill up` runs it), the slowest
 student's steady rate), once on the embedded broker and once on one Apache Kafka node (KRaft,
 broker and controller in one JVM, started from the jars ``make kafka-jars`` resolves; the row
