@@ -104,9 +104,11 @@ PRODUCER_ONLY = frozenset(
     }
 )
 
+# The longest a resumed partition waits for its first fetch (consumer_config, docs/kafka.md).
+FETCH_WAIT_MS = 100
+
 # Client settings for the embedded broker only (docs/kafka.md): tansu does not answer a waiting
-# fetch when data arrives, so librdkafka's default fetch.wait.max.ms (500) would be added to
-# every read. Against Apache Kafka the default is right: fewer empty fetch round trips.
+# fetch when data arrives, so the built-in fetch wait (FETCH_WAIT_MS) would be added to every read.
 LOCAL_PROFILE: dict[str, str | int | float | bool] = {"fetch.wait.max.ms": 25}
 
 
@@ -237,8 +239,13 @@ class Clients:
             # Small per-partition fetches interleave the partitions: a model that reads one
             # partition's whole backlog before the next jumps back and forth in event time.
             "max.partition.fetch.bytes": 256 * 1024,
-            # fetch.wait.max.ms stays librdkafka's: the embedded broker's lower value is in
+            # librdkafka keeps one fetch in flight per broker and leaves paused partitions out
+            # of it. A partition resumed (the student's join backpressure) waits until the fetch
+            # in flight returns: with librdkafka's 500 ms it stalls whenever that fetch holds
+            # only caught-up partitions. The wait ends at once when data arrives, so a shorter
+            # one costs only empty round trips when idle. The embedded broker's 25 ms is in
             # LOCAL_PROFILE.
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
             "enable.partition.eof": False,
         }
         return self._with_extra(conf, PRODUCER_ONLY, {"group.id": group_id} | overrides)

@@ -8,7 +8,7 @@ import pytest
 from tests.faults.conftest import check_books, summary
 from tests.integration.workers import produce_synthetic, write_config
 
-# label_wait_s: long enough for a label behind Apache Kafka's default fetch wait (500 ms)
+# label_wait_s: long enough for a label behind a fetch wait (100 ms; librdkafka's own is 500 ms)
 STUDENT = {"name": "s1", "label_wait_s": 1.0, "checkpoint": {"every_batches": 5, "every_seconds": 1.0}}
 
 
