@@ -12,6 +12,11 @@ training rate beside the single-process teacher's.
   compete for the CPUs and the ratio shows that, not the scaling of one GPU per labeler; the
   labelers' CPU seconds per labelled example (``/proc/<pid>/stat``, from just before the
   stream to the last label), one against two, shows whether the pool itself costs anything.
+* **one transaction per poll or per ``max_transaction_seconds``**: one labeler in this process
+  over a backlog, its transactions closed after each poll (``max_transaction_seconds`` below
+  one poll's time) against the default 0.1 s, which takes in what the consumer holds; runs
+  alternate, the ratio is the median of three pairs. The window opens at the first step that
+  labelled (the group join and the first fetch are start-up).
 * **trainer vs teacher**: in this process, on one stream: the trainer (one process, no
   torchrun) steps until it trained every example; the role-both teacher until it labelled and
   trained every example. Ratio trainer over teacher, each the mean of a run before and after.
@@ -20,6 +25,7 @@ training rate beside the single-process teacher's.
 from __future__ import annotations
 
 import re
+import statistics
 import tempfile
 import time
 import urllib.request
@@ -30,6 +36,7 @@ import torch
 from bench.bench_pipeline import Run, cpu_seconds
 from bench.workers import stream, timed_steps
 from distill.local.broker import EmbeddedBroker
+from teacher_worker.labeler import Labeler
 from teacher_worker.ranks import Ranks
 from teacher_worker.trainer import Trainer
 from teacher_worker.worker import TeacherWorker
@@ -78,6 +85,33 @@ def labelers_rate(count: int) -> tuple[float, float]:
             run.stop()
 
 
+def labeler_rate(max_transaction_seconds: float) -> float:
+    """Examples/s of one in-process labeler over a backlog of LABEL_EXAMPLES (version 0 labels
+    it all), from its first step that labelled."""
+    unbounded = {"pool": {"max_label_staleness_examples": 10 * LABEL_EXAMPLES}}
+    with stream(LABEL_EXAMPLES, teacher={**unbounded, "max_transaction_seconds": max_transaction_seconds}) as cfg:
+        trainer = Trainer(cfg, Ranks(), torch.device("cpu"))
+        trainer.start()  # announces version 0
+        trainer.close()
+        labeler = Labeler(cfg)
+        labeler.start()
+        first = 0
+
+        def step() -> bool:
+            nonlocal first
+            before = labeler.examples_labeled
+            labeler.step()
+            if not before and labeler.examples_labeled:
+                first = labeler.examples_labeled  # the window opens after this step
+                return False
+            return labeler.examples_labeled > before
+
+        seconds = timed_steps(step, lambda: labeler.examples_labeled >= LABEL_EXAMPLES)
+        labeler.close()
+        del trainer, labeler  # their Kafka clients go while the broker is still up
+        return (LABEL_EXAMPLES - first) / seconds
+
+
 def training_rate(worker) -> float:
     """Examples trained per second by a started trainer or role-both teacher (from its first
     step that trained: start-up is not counted)."""
@@ -105,17 +139,34 @@ def teacher_rate(cfg) -> float:
 
 
 def run() -> list[dict]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the labeler processes run (OMP_NUM_THREADS=1)
+    try:
+        pairs = [(labeler_rate(1e-9), labeler_rate(0.1)) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    per_poll, grouped = (statistics.median(side) for side in zip(*pairs, strict=True))
+    grouping = statistics.median(g / p for p, g in pairs)
     one, one_cpu = labelers_rate(1)
     two, two_cpu = labelers_rate(2)
     rates: dict[str, list[float]] = {"trainer": [], "teacher": []}
     for _ in range(2):
-        with stream(TRAIN_EXAMPLES) as cfg:
+        # No labeler commits here: the lead bound would pause the trainer for good once it
+        # is max_lead_versions ahead (its staleness publishes come every 8 batches a partition).
+        with stream(TRAIN_EXAMPLES, teacher={"pool": {"max_lead_versions": 10**6}}) as cfg:
             # Its own name, so its own checkpoints: each worker reads the stream from the start.
             named = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"name": "trainer"})})
             rates["trainer"].append(trainer_rate(named))
             rates["teacher"].append(teacher_rate(cfg))
     trainer, teacher = (sum(v) / len(v) for v in (rates["trainer"], rates["teacher"]))
     return [
+        {
+            "name": "one labeler in process, a transaction per 0.1 s (the default)",
+            "value": grouped,
+            "unit": "examples/s",
+            "ratio": grouping,
+            "vs": f"a transaction per poll, {per_poll:,.0f} examples/s (median of 3 alternating pairs)",
+        },
         {"name": "one labeler", "value": one, "unit": "examples/s"},
         {"name": "two labelers", "value": two, "unit": "examples/s", "ratio": two / one, "vs": "one labeler"},
         {"name": "labeler CPU per example, one labeler", "value": one_cpu * 1e6, "unit": "µs"},

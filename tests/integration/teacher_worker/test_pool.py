@@ -60,6 +60,9 @@ def labelled_ids(config) -> set[str]:
 @pytest.mark.both_brokers
 def test_trainer_and_two_labelers_label_every_batch_once_out_of_sample(make_config):
     config = pool_config(make_config)
+    # One poll per transaction: the trainer, stepped in this thread between the labelers'
+    # steps, publishes versions while they label (in 0.1 s they would take the whole backlog).
+    config.teacher.max_transaction_seconds = 1e-9
     produced = produce_synthetic(config, 60 * 128, batch_size=128)
     trainer = Trainer(config, Ranks(), torch.device("cpu"))
     trainer.start()
@@ -334,6 +337,38 @@ def test_a_bad_example_batch_is_dead_lettered_once_and_skipped_by_the_trainer(ma
     assert trainer.examples_trained == sum(b.size for b in batches_of(config))  # every good example, once
     labeler.close()
     trainer.close()
+
+
+def _label_backlog(make_config, max_transaction_seconds: float) -> tuple[int, int, int]:
+    """(example batches, label batches, commits) of one labeler over a backlog, every batch
+    labelled by version 0 (the trainer announces it and stops)."""
+    config = pool_config(make_config, max_label_staleness_examples=10**9)
+    config.teacher.max_transaction_seconds = max_transaction_seconds
+    produced = produce_synthetic(config, 48 * 128, batch_size=128)
+    trainer = Trainer(config, Ranks(), torch.device("cpu"))
+    trainer.start()
+    trainer.close()
+    labeler = Labeler(config)
+    labeler.start()
+    try:
+        run_until(lambda: labeler.examples_labeled >= produced["examples"], [labeler.step], timeout=60)
+        commits = m.TEACHER_TRANSACTIONS.labels(labeler.name, "commit")._value.get()
+    finally:
+        labeler.close()
+    labels = sorted(lb.batch_id for _, _, lb in read_labels(config))
+    assert labels == sorted(example_batch_ids(config))  # each batch once, whatever the grouping
+    return produced["batches"], len(labels), int(commits)
+
+
+def test_a_labelers_transaction_takes_in_what_the_consumer_holds_until_its_time_is_up(make_config):
+    """One commit per max_transaction_seconds, not per poll (max_batches_per_step = 4): a
+    commit took 16% of a labeler's time at one per poll. With no time each poll commits alone."""
+    batches, labelled, grouped = _label_backlog(make_config, 30.0)
+    assert labelled == batches >= 48
+    _, _, per_poll = _label_backlog(make_config, 1e-9)
+    assert per_poll >= batches / 4, f"{per_poll} commits for {batches} batches read 4 at a time"
+    # more than one poll's 4 batches per transaction on average
+    assert grouped < batches / 4, f"{grouped} commits for {batches} batches with 30 s to fill a transaction"
 
 
 def batches_of(config) -> list:
