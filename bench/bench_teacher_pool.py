@@ -93,23 +93,27 @@ def labeler_rate(max_transaction_seconds: float) -> float:
         trainer = Trainer(cfg, Ranks(), torch.device("cpu"))
         trainer.start()  # announces version 0
         trainer.close()
-        labeler = Labeler(cfg)
-        labeler.start()
-        first = 0
+        del trainer  # its Kafka clients go while the broker is still up
+        return _labelling_rate(cfg)
 
-        def step() -> bool:
-            nonlocal first
-            before = labeler.examples_labeled
-            labeler.step()
-            if not before and labeler.examples_labeled:
-                first = labeler.examples_labeled  # the window opens after this step
-                return False
-            return labeler.examples_labeled > before
 
-        seconds = timed_steps(step, lambda: labeler.examples_labeled >= LABEL_EXAMPLES)
-        labeler.close()
-        del trainer, labeler  # their Kafka clients go while the broker is still up
-        return (LABEL_EXAMPLES - first) / seconds
+def _labelling_rate(cfg) -> float:
+    labeler = Labeler(cfg)
+    labeler.start()
+    first = 0
+
+    def step() -> bool:
+        nonlocal first
+        before = labeler.examples_labeled
+        labeler.step()
+        if not before and labeler.examples_labeled:
+            first = labeler.examples_labeled  # the window opens after this step
+            return False
+        return labeler.examples_labeled > before
+
+    seconds = timed_steps(step, lambda: labeler.examples_labeled >= LABEL_EXAMPLES)
+    labeler.close()
+    return (LABEL_EXAMPLES - first) / seconds
 
 
 def training_rate(worker) -> float:
