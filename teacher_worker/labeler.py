@@ -222,7 +222,7 @@ class Labeler(Worker):
 
         While ``max_transaction_seconds`` is left, what the consumer already holds is labelled
         too and joins the same transaction, as in the single teacher: one commit (3 ms on the
-        embedded broker, 16% of a labeler's time at one commit per poll) per that many seconds.
+        embedded broker, 15% of a labeler's time at one commit per poll) per that many seconds.
         A poll that changes the assignment ends the reading: nothing is added for a partition
         that has gone."""
         rewind: dict[int, int] = {}

@@ -362,7 +362,7 @@ def _label_backlog(make_config, max_transaction_seconds: float) -> tuple[int, in
 
 def test_a_labelers_transaction_takes_in_what_the_consumer_holds_until_its_time_is_up(make_config):
     """One commit per max_transaction_seconds, not per poll (max_batches_per_step = 4): a
-    commit took 16% of a labeler's time at one per poll. With no time each poll commits alone."""
+    commit took 15% of a labeler's time at one per poll. With no time each poll commits alone."""
     batches, labelled, grouped = _label_backlog(make_config, 30.0)
     assert labelled == batches >= 48
     _, _, per_poll = _label_backlog(make_config, 1e-9)
