@@ -323,7 +323,7 @@ def produce(
         _fail(exc)
     ProgressLog(cfg.progress_dir(), "producer", result["producer_id"]).write_summary(result)
     typer.echo(json.dumps(result))
-    if hold and result["stopped"] != "signal":
+    if hold and not result["stop_requested"]:  # a SIGTERM while it closed is not lost
         port = metrics_port if metrics_port is not None else cfg.producer.metrics_port
         _hold(result["producer_id"], port)
 

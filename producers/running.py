@@ -90,5 +90,8 @@ def run_service(
         result = worker.run()
     finally:
         service.shutdown_http()
+    # A stop asked for while the run was closing anyway (at the end of the data, say): the
+    # caller must not wait for another one (``distill produce --hold``).
+    result["stop_requested"] = service.stopping.is_set()
     log.info(finished, extra=result)
     return result

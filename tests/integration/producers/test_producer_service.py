@@ -262,3 +262,28 @@ def test_batch_ids_differ_between_runs(make_config, read_back):
     out = read_back(cfg, first["batches"] + second["batches"])
     ids = [b.batch_id for _, _, b in out.batches]
     assert len(ids) == len(set(ids)) == 6
+
+
+class StopAtTheEnd(SyntheticSource):
+    """The synthetic stream, asking for a stop the moment its last chunk has been taken: the
+    stop lands while the run closes at the end of the data."""
+
+    def __init__(self, config, stop: threading.Event):
+        super().__init__(config)
+        self.stop = stop
+
+    def chunks(self, *args, **kwargs):
+        yield from super().chunks(*args, **kwargs)
+        self.stop.set()
+
+
+def test_a_stop_asked_for_as_the_data_ends_is_reported(make_config):
+    """``distill produce --hold`` waits for a SIGTERM after the data ends; one that came while
+    the run was closing must count (it was lost, and the process held on until killed)."""
+    cfg = make_config(topics={"partitions": 2}, synthetic={"examples": 3_000})
+    stop = threading.Event()
+    result = run_producer(cfg, StopAtTheEnd(cfg.synthetic, stop), stop=stop, **QUIET)
+    assert result["stopped"] == "end_of_data" and result["examples"] == 3_000
+    assert result["stop_requested"] is True
+    calm = run_producer(make_config(synthetic={"examples": 1_000}), "synthetic", **QUIET)
+    assert calm["stopped"] == "end_of_data" and calm["stop_requested"] is False
