@@ -196,6 +196,9 @@ def test_leader_failover_keeps_every_batch_labelled_and_trained_once(cluster, ma
     stalls = {role: round(progress.longest_stall(role), 1) for role in counters}
     print(f"\nfailover: killed (topic, node, examples sent by then) {kills} for {DOWN_S}s each")
     print(f"failover: longest stall per role (s): {stalls}; restarted: {restarted}")
+    # A fence is what one failover may cost the producer; more restarts would be a crash loop.
+    producer_restarts = [r for r in restarted if r.startswith("producer")]
+    assert len(producer_restarts) <= len(kills), f"the producer kept exiting: {restarted}\n{producer.tail()}"
 
     for w in (producer, teacher, *students.values()):
         assert w.stop() == 0, w.tail()
