@@ -17,9 +17,10 @@ training rate beside the single-process teacher's.
   one poll's time) against the default 0.1 s, which takes in what the consumer holds; runs
   alternate, the ratio is the median of three pairs. The window opens at the first step that
   labelled (the group join and the first fetch are start-up).
-* **trainer vs teacher**: in this process, on one stream: the trainer (one process, no
-  torchrun) steps until it trained every example; the role-both teacher until it labelled and
-  trained every example. Ratio trainer over teacher, each the mean of a run before and after.
+* **trainer vs teacher**: in this process, on one stream, torch on one thread as in the worker
+  processes: the trainer (one process, no torchrun, the default publishing cadence) steps until
+  it trained every example; the role-both teacher until it labelled and trained every example.
+  Ratio trainer over teacher, each the mean of two alternating runs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_pipeline import Run, cpu_seconds
-from bench.workers import stream, timed_steps
+from bench.workers import one_thread, stream, timed_steps
 from distill.local.broker import EmbeddedBroker
 from teacher_worker.labeler import Labeler
 from teacher_worker.ranks import Ranks
@@ -157,7 +158,7 @@ def run() -> list[dict]:
     for _ in range(2):
         # No labeler commits here: the lead bound would pause the trainer for good once it
         # is max_lead_versions ahead (its staleness publishes come every 8 batches a partition).
-        with stream(TRAIN_EXAMPLES, teacher={"pool": {"max_lead_versions": 10**6}}) as cfg:
+        with stream(TRAIN_EXAMPLES, teacher={"pool": {"max_lead_versions": 10**6}}) as cfg, one_thread():
             # Its own name, so its own checkpoints: each worker reads the stream from the start.
             named = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"name": "trainer"})})
             rates["trainer"].append(trainer_rate(named))

@@ -6,13 +6,19 @@ and every step is collective: each rank contributes at most one example batch, t
 are all-reduced weighted by batch size, and every rank takes the same optimizer step, so the
 weights stay identical. One process (no torchrun) is the same code with no-op collectives.
 
-Every ``publish_every_batches`` batches or ``publish_every_seconds`` rank 0:
-  1. checkpoints its own state (weights, optimizer, per-partition trained-through offsets);
-  2. writes the weights to the model store (atomic, sha256);
-  3. announces version, URI, checksum and watermark on the checkpoints topic.
-A restart resumes from step 1's checkpoint and announces that version again (labelers ignore a
-version they know). Rank 0 also reads the labelers' committed offsets: while its newest version
-is ``max_lead_versions`` ahead of the oldest one they may still need, every rank pauses, so an
+Every ``publish_every_batches`` batches or ``publish_every_seconds`` (and earlier when the
+labels' staleness bound asks for it) rank 0:
+  1. snapshots the weights; a publisher thread writes them to the model store (atomic,
+     sha256) and announces version, URI, checksum and watermark on the checkpoints topic
+     (``teacher_worker.publisher``);
+  2. when ``teacher.checkpoint`` says one is due (by default every 30 s), and on stop, also
+     checkpoints its own state (weights, optimizer, per-partition trained-through offsets).
+Publishes come every few batches; a full checkpoint at each (21 MB with the optimizer) took
+most of the trainer's time. A restart resumes from the last checkpoint. The store may hold
+versions published after it, with weights that are gone: the restored weights are published
+again under a version past the store's newest, so a version number never names two models.
+Rank 0 also reads the labelers' committed offsets: while its newest version is
+``max_lead_versions`` ahead of the oldest one they may still need, every rank pauses, so an
 out-of-sample checkpoint always exists; store files no labeler can need any more are deleted.
 """
 
@@ -43,6 +49,7 @@ from distill.learn.evaluation import ProgressiveEvaluator
 from distill.learn.models import weights_finite
 from distill.learn.step import Learner, Objective
 from teacher_worker.out_of_sample import lead_batches, oldest_needed
+from teacher_worker.publisher import WeightsPublisher
 from teacher_worker.ranks import Ranks
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,7 @@ class Trainer(Worker):
         self.model, self.optimizer = self.learner.model, self.learner.optimizer
         self.checkpointer = Checkpointer(config.checkpoint_dir(self.role, tc.name), tc.checkpoint.keep)
         self.store = ModelStore(config.model_store())
+        self.publisher = WeightsPublisher(self.store, self.name)
         self.evaluator = ProgressiveEvaluator(self.task_names, self.kinds)
         self.version = 0
         self.trained_through: dict[int, int] = {}  # this rank's partitions -> next offset to train
@@ -84,6 +92,12 @@ class Trainer(Worker):
         # Rank 0: (version, watermark) of the published checkpoints a labeler may still need.
         self.history: list[tuple[int, dict[int, int]]] = []
         self.oldest_kept = 0
+        # Rank 0: what the last publish trained through (watermark, Kafka times, examples), for a
+        # checkpoint of the same weights on stop; and the version of the last checkpoint.
+        self.last_published: tuple[dict[int, int], dict[int, int], int] = ({}, {}, 0)
+        self.checkpointed = 0
+        self.batches_since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
         self.examples_trained = 0  # by this rank
         self.batches_since_publish = 0  # by all ranks: the same number on each
         self.last_publish = time.monotonic()
@@ -119,9 +133,15 @@ class Trainer(Worker):
             self.history = [(self.version, dict(self.trained_through))]
         self.oldest_kept = state.get("oldest_kept", 0)
         self.examples_trained = state.get("examples_trained", 0) if self.ranks.leader else 0
+        self.last_published = (dict(self.history[-1][1]), dict(self.trained_time), state.get("examples_trained", 0))
+        self.checkpointed = self.version
         log.info("restored checkpoint", extra={"version": self.version, "offsets": self.trained_through})
 
     def _checkpoint(self, watermark: dict[int, int], times: dict[int, int], examples: int) -> None:
+        """The current weights and optimizer, which trained through ``watermark``."""
+        self.checkpointed = self.version
+        self.batches_since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
         self.checkpointer.save(
             self.version,
             {
@@ -159,12 +179,13 @@ class Trainer(Worker):
             # Never joins the labelers' group: only reads its committed offsets.
             self.lead_reader = self.clients.consumer(self.pool.labeler_group_id)
             self._announce_current()
+        self.version = self.ranks.broadcast(self.version)  # rank 0 may have numbered past the store's newest
         log.info("partitions assigned", extra={"partitions": self.partitions, "rank": self.ranks.rank})
         self.service.set_ready(True, f"training partitions {self.partitions}")
 
     def _announce_current(self) -> None:
-        """On start: make sure the current version is in the store and announced (version 0,
-        the untrained teacher, on a fresh start; after a restart the checkpoint's version)."""
+        """On start: make sure the current weights are in the store and announced (version 0,
+        the untrained teacher, on a fresh start; after a restart the checkpoint's weights)."""
         if not self.history:  # a fresh teacher
             stale = self.store.versions()
             if stale:
@@ -176,18 +197,47 @@ class Trainer(Worker):
                 )
             self.history.append((self.version, {}))
             self._checkpoint({}, {}, 0)  # first, so that a crash from here on restarts from version 0
+        watermark, times, examples = self.last_published
+        newest = max(self.store.versions(), default=self.version)
+        if newest > self.version:
+            # Published after the checkpoint, before a restart: those weights are gone. The
+            # checkpoint's go out again as a new version (labelers take only newer ones).
+            log.warning(
+                "the store holds versions newer than the checkpoint: publishing its weights as a new version",
+                extra={"checkpoint": self.version, "store_newest": newest, "version": newest + 1},
+            )
+            self.version = newest + 1
+            self.history.append((self.version, watermark))
         described = self.store.describe(self.version)
-        uri, sha = described if described else self.store.publish(self.version, self.model.state_dict())
-        self._announce(uri, sha, self.history[-1][1], self.trained_time, self.examples_trained)
+        if described:
+            self._announce(self.version, *described, watermark, times, examples)
+        else:
+            self.publisher.publish(self.version, self.model.state_dict(), self._announcer(watermark, times, examples))
+        self.publisher.wait()  # a store that refuses writes stops the start
+        m.TEACHER_VERSION.labels(self.name).set(self.version)
 
-    def _announce(self, uri: str, sha: str, watermark: dict[int, int], times: dict[int, int], examples: int) -> None:
+    def _announcer(self, watermark: dict[int, int], times: dict[int, int], examples: int):
+        """The announcement of the current version, sent by the publisher once it is written."""
+        version, oldest_kept = self.version, self.oldest_kept
+        return lambda uri, sha: self._announce(version, uri, sha, watermark, times, examples, oldest_kept)
+
+    def _announce(
+        self,
+        version: int,
+        uri: str,
+        sha: str,
+        watermark: dict[int, int],
+        times: dict[int, int],
+        examples: int,
+        oldest_kept: int | None = None,
+    ) -> None:
         announcement = CheckpointAnnouncement(
-            version=self.version,
+            version=version,
             uri=uri,
             sha256=sha,
             watermark=watermark,
             watermark_time_ms=times,
-            oldest_kept=self.oldest_kept,
+            oldest_kept=self.oldest_kept if oldest_kept is None else oldest_kept,
             examples_trained=examples,
             trainer=self.config.teacher.name,
             world_size=self.ranks.world,
@@ -195,9 +245,8 @@ class Trainer(Worker):
         value, headers = self.codec.encode_announcement(announcement)
         self.producer.produce(self.config.topics.checkpoints, value=value, headers=headers, partition=0)
         if self.producer.flush(30) > 0:
-            raise KafkaException(f"checkpoint announcement {self.version} not delivered within 30 s")
-        m.TEACHER_VERSION.labels(self.name).set(self.version)
-        log.info("announced checkpoint", extra={"version": self.version, "uri": uri})
+            raise KafkaException(f"checkpoint announcement {version} not delivered within 30 s")
+        log.info("announced checkpoint", extra={"version": version, "uri": uri})
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -223,6 +272,7 @@ class Trainer(Worker):
             msg, batch = self.buffer.popleft() if local is not None else (None, None)
             self._train_step(batch, examples)
             self.batches_since_publish += batches
+            self.batches_since_checkpoint += batches
             if msg is not None:
                 self.trained_through[msg.partition()] = msg.offset() + 1
                 self.trained_time[msg.partition()] = msg.timestamp()[1]
@@ -231,11 +281,14 @@ class Trainer(Worker):
             m.TEACHER_STEP_SECONDS.labels(self.name).observe(elapsed)
             m.TEACHER_THROUGHPUT.labels(self.name).set(self.throughput.update(batch.size if batch else 0, elapsed))
         elif self.paused:
+            self.publisher.wait()  # nothing to train: the last versions go out meanwhile
             time.sleep(self.config.teacher.poll_timeout_s)
         published = bool(publish or (stop and self.batches_since_publish))
         if published:
-            self._publish()
+            self._publish(final=bool(stop))
         if stop:
+            if self.ranks.leader and self.checkpointed < self.version:
+                self._checkpoint(*self.last_published)  # the weights of the last publish
             return False
         # Right after a publish too, so that the lead never passes the bound between checks.
         if self.ranks.leader and (published or time.monotonic() - self.last_lead_check >= self.pool.lead_check_seconds):
@@ -307,8 +360,9 @@ class Trainer(Worker):
         half = max(1, self.pool.max_label_staleness_examples // max(1, self.batch_size or 256) // 2)
         return any(o - self.published_through.get(p, 0) >= half for p, o in self.trained_through.items())
 
-    def _publish(self) -> None:
-        """Collective: gather every rank's offsets; rank 0 checkpoints, stores and announces."""
+    def _publish(self, final: bool = False) -> None:
+        """Collective: gather every rank's offsets; rank 0 publishes the weights (written and
+        announced on the publisher thread) and checkpoints when one is due or ``final``."""
         shares = self.ranks.gather((dict(self.trained_through), dict(self.trained_time), self.examples_trained))
         self.published_through = dict(self.trained_through)
         self.batches_since_publish = 0
@@ -321,7 +375,6 @@ class Trainer(Worker):
         m.TEACHER_VERSION.labels(self.name).set(self.version)
         if not self.ranks.leader:
             return
-        started = time.perf_counter()
         watermark = dict(self.history[-1][1]) if self.history else {}
         times: dict[int, int] = {}
         for offsets, stamps, _ in shares:
@@ -329,12 +382,11 @@ class Trainer(Worker):
             times.update(stamps)
         examples = sum(n for _, _, n in shares)
         self.history.append((self.version, watermark))
-        self._checkpoint(watermark, times, examples)
-        uri, sha = self.store.publish(self.version, self.model.state_dict())
-        self._announce(uri, sha, watermark, times, examples)
-        m.TEACHER_PUBLISHED.labels(self.name).inc()
-        m.TEACHER_CKPT_AGE.labels(self.name).set(time.time())
-        m.TEACHER_CKPT_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        self.last_published = (watermark, times, examples)
+        self.publisher.publish(self.version, self.model.state_dict(), self._announcer(watermark, times, examples))
+        due = self.config.teacher.checkpoint.due(self.batches_since_checkpoint, time.monotonic() - self.last_checkpoint)
+        if final or due:
+            self._checkpoint(watermark, times, examples)
 
     def _check_lead(self) -> None:
         self.last_lead_check = time.monotonic()
@@ -345,7 +397,9 @@ class Trainer(Worker):
             log.warning("labelers' offsets unavailable", extra={"error": str(exc)})
             return
         positions = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
-        needed = oldest_needed(self.history, positions, self.all_partitions)
+        # Versions still being written are not announced: no labeler uses them yet.
+        announced = [h for h in self.history if h[0] <= self.publisher.announced]
+        needed = oldest_needed(announced, positions, self.all_partitions)
         if needed is None:
             return
         lead = self.version - needed
@@ -382,6 +436,9 @@ class Trainer(Worker):
 
     def summary(self) -> dict:
         return {**self.snapshot(), "weights_sha256": weights_digest(self.model)}
+
+    def finish(self) -> None:
+        self.publisher.close()  # every publish written and announced (or its error raised)
 
     def consumers(self) -> list:
         return [*super().consumers(), *([self.lead_reader] if self.ranks.leader else [])]

@@ -146,6 +146,7 @@ def test_trainer_pauses_while_too_far_ahead_of_the_labelers(make_config):
     )
     assert trainer.version > 3
     # Store files no labeler can need any more are gone (the newest two always stay).
+    trainer.publisher.wait()
     trainer._check_lead()
     assert trainer.oldest_kept > 3
     assert trainer.store.versions() == list(range(min(trainer.oldest_kept, trainer.version - 1), trainer.version + 1))
@@ -200,26 +201,32 @@ def _wait_for(predicate, timeout: float, logs) -> None:
     raise AssertionError(f"not reached within {timeout}s; logs: {tails}")
 
 
-def test_a_restarted_trainer_resumes_its_checkpoint_and_announces_it_again(make_config):
+def test_a_restarted_trainer_publishes_its_checkpoint_again_past_the_stores_newest_version(make_config):
     config = pool_config(make_config)
+    config.teacher.checkpoint.every_batches = 12  # a checkpoint at every third publish (5 batches each)
     produced = produce_synthetic(config, 40 * 128, batch_size=128)
     labeler = Labeler(config)
     before = Trainer(config, Ranks(), torch.device("cpu"))
     before.start()
     labeler.start()
-    run_until(lambda: before.version >= 3, [before.step, labeler.step], timeout=60)
-    for _ in range(2):  # trained after the last checkpoint: lost in the crash, trained again
-        before.step()
-    crashed_at = before.version
-    before.consumer.close()  # a crash: no final publish, no summary
+    run_until(lambda: before.checkpointed >= 3 and before.version > before.checkpointed, [before.step, labeler.step])
+    before.publisher.wait()  # the crash comes after these versions were written and announced
+    crashed_at, checkpointed = before.version, before.checkpointed
+    saved = before.checkpointer.load_latest()[1]
+    assert saved["version"] == checkpointed < crashed_at  # not every publish is a checkpoint
+    before.publisher.close()
+    before.consumer.close()  # a crash: no final publish or checkpoint, no summary
     before.lead_reader.close()
     before.producer.flush(5)
 
     after = Trainer(config, Ranks(), torch.device("cpu"))
-    assert (
-        after.version == crashed_at and after.trained_through == before.checkpointer.load_latest()[1]["trained_through"]
-    )
+    assert after.version == checkpointed and after.trained_through == saved["trained_through"]
     after.start()
+    # The versions after the checkpoint are gone with the crash: its weights come back under a new number.
+    assert after.version == crashed_at + 1
+    restored = announcements(config)[-1]
+    assert restored.version == crashed_at + 1 and restored.watermark == saved["trained_through"]
+    assert weights_equal(after.store.load(restored.uri, restored.sha256), saved["model"])
     run_until(
         lambda: (
             sum(after.trained_through.values()) >= produced["batches"]
@@ -233,9 +240,8 @@ def test_a_restarted_trainer_resumes_its_checkpoint_and_announces_it_again(make_
     after.close()
     labeler.close()
     versions = [a.version for a in announcements(config)]
-    assert versions.count(crashed_at) == 2 and versions == sorted(versions)  # announced again, then onwards
-    known = [a.version for a in labeler.announcements]
-    assert known == sorted(set(known))  # the labeler took the repeated announcement once
+    assert versions == sorted(set(versions))  # one model per version number, never announced twice
+    assert after.checkpointer.load_latest()[0] == after.version  # a stop checkpoints the last publish
     final = announcements(config)[-1]
     assert final.examples_trained == produced["examples"]  # each example trained once in the kept model
     labels = read_labels(config)
