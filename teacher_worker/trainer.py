@@ -209,8 +209,9 @@ class Trainer(Worker):
             self.version = newest + 1
             self.history.append((self.version, watermark))
         described = self.store.describe(self.version)
-        if described:
+        if described:  # in the store already: announced again (labelers ignore a version they know)
             self._announce(self.version, *described, watermark, times, examples)
+            self.publisher.announced = self.version
         else:
             self.publisher.publish(self.version, self.model.state_dict(), self._announcer(watermark, times, examples))
         self.publisher.wait()  # a store that refuses writes stops the start
