@@ -41,6 +41,7 @@ class Restorable(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+
 UNREACHABLE = "broker unreachable (metadata request timed out)"
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from distill.core.config import Device, FeaturesConfig, ModelConfig, TaskConfig
 from distill.core.wire import ExampleBatch
+from distill.learn.rowwise_adagrad import RowWiseAdagrad
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ class RankingModel(nn.Module):
         self.register_buffer("buckets", torch.tensor([f.buckets for f in features.categorical], dtype=torch.long))
         adagrad = model.table_optimizer == "adagrad"
         self.tables = nn.ModuleList(
-            nn.Embedding(f.buckets, model.embedding_dim, sparse=adagrad)
-            for f in features.categorical
+            nn.Embedding(f.buckets, model.embedding_dim, sparse=adagrad) for f in features.categorical
         )
         # Running moments of the regression targets (binary columns stay 0 and 1: identity).
         # target_count < 0 freezes them (a checkpoint from before standardisation: raw units).
@@ -250,7 +250,7 @@ class ModelOptimizer:
         sparse = config.table_optimizer == "adagrad"
         dense = [p for name, p in model.named_parameters() if not (sparse and name.startswith("tables."))]
         self.dense = _adam(dense, config)
-        self.tables = torch.optim.Adagrad(tables, lr=config.table_learning_rate) if sparse and tables else None
+        self.tables = RowWiseAdagrad(tables, lr=config.table_learning_rate) if sparse and tables else None
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
