@@ -133,9 +133,15 @@ class EmbeddedBroker:
         raise BrokerError(f"embedded broker did not answer metadata within {timeout_s}s ({last}); see {self.log_file}")
 
     def pause(self) -> None:
-        """Stall the broker (SIGSTOP): simulates an outage without losing the in-memory data."""
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGSTOP)
+        """Stall the broker (SIGSTOP): simulates an outage without losing the in-memory data.
+        Returns once every thread has stopped: a signal is delivered asynchronously, and a
+        thread busy on another core could still answer a request sent right after."""
+        if self.process is None:
+            return
+        os.kill(self.process.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 2.0
+        while not _stopped(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def resume(self) -> None:
         if self.process is not None:
@@ -162,3 +168,20 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped by a signal (state T in /proc; True where there is no /proc)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # the thread is gone
+        if state not in ("T", "t"):
+            return False
+    return True
