@@ -93,8 +93,10 @@ class Trainer(Worker):
         self.history: list[tuple[int, dict[int, int]]] = []
         self.oldest_kept = 0
         # Rank 0: what the last publish trained through (watermark, Kafka times, examples), for a
-        # checkpoint of the same weights on stop; and the version of the last checkpoint.
+        # checkpoint of the same weights on stop while the weights have not moved since; and the
+        # version of the last checkpoint.
         self.last_published: tuple[dict[int, int], dict[int, int], int] = ({}, {}, 0)
+        self.trained_since_publish = False
         self.checkpointed = 0
         self.batches_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
@@ -274,6 +276,7 @@ class Trainer(Worker):
             self._train_step(batch, examples)
             self.batches_since_publish += batches
             self.batches_since_checkpoint += batches
+            self.trained_since_publish = True
             if msg is not None:
                 self.trained_through[msg.partition()] = msg.offset() + 1
                 self.trained_time[msg.partition()] = msg.timestamp()[1]
@@ -288,7 +291,7 @@ class Trainer(Worker):
         if published:
             self._publish(final=bool(stop))
         if stop:
-            if self.ranks.leader and self.checkpointed < self.version:
+            if self.ranks.leader and self.checkpointed < self.version and not self.trained_since_publish:
                 self._checkpoint(*self.last_published)  # the weights of the last publish
             return False
         # Right after a publish too, so that the lead never passes the bound between checks.
@@ -373,6 +376,7 @@ class Trainer(Worker):
             m.TEACHER_NAN.labels(self.name).inc()
             return
         self.version += 1
+        self.trained_since_publish = False
         m.TEACHER_VERSION.labels(self.name).set(self.version)
         if not self.ranks.leader:
             return

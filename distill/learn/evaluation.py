@@ -77,7 +77,10 @@ class TaskMetrics:
             return
         if self.kind == "binary":
             pred = _sigmoid(output)
-            bins = np.minimum((pred * _BINS).astype(np.int64), _BINS - 1)
+            scaled = pred * _BINS
+            if not np.isfinite(scaled).all():  # a model gone NaN: its log loss says so, binning must not crash
+                scaled = np.nan_to_num(scaled, nan=0.0)
+            bins = np.minimum(scaled.astype(np.int64), _BINS - 1)
             # one pass: the negatives' bins first, then the positives' (two bincounts of masked
             # copies took three times as long)
             counts = np.bincount(bins + _BINS * (label > 0.5), minlength=2 * _BINS)

@@ -249,6 +249,23 @@ def test_a_restarted_trainer_publishes_its_checkpoint_again_past_the_stores_newe
     assert all(lb.watermark <= lb.source_offset for _, _, lb in labels)
 
 
+def test_a_stop_with_weights_that_are_not_finite_keeps_the_last_good_checkpoint(make_config):
+    config = pool_config(make_config)
+    produce_synthetic(config, 20 * 128, batch_size=128)
+    trainer = Trainer(config, Ranks(), torch.device("cpu"))
+    trainer.start()  # checkpoints version 0; the next checkpoint is due in 30 s
+    run_until(lambda: trainer.version >= 2 and trainer.batches_since_publish > 0, [trainer.step])
+    published = trainer.version
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))  # trained into NaNs since the last publish
+    trainer.service.stopping.set()
+    assert trainer.step() is False
+    trainer.close()
+    assert trainer.version == published  # nothing published
+    version, state = trainer.checkpointer.load_latest()
+    assert version == 0 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
 def test_a_corrupt_checkpoint_falls_back_to_an_older_out_of_sample_one(make_config):
     config = pool_config(make_config)
     produced = produce_synthetic(config, 30 * 128, batch_size=128)

@@ -268,3 +268,14 @@ def test_progressive_evaluator_with_task_subset_and_state_round_trip():
     restored.load_state_dict(_roundtrip(ev.state_dict()))
     assert restored.snapshot() == snap
     assert restored.metrics[("watch", "main")].kind == "regression"
+
+
+def test_non_finite_outputs_show_in_the_log_loss_and_do_not_stop_the_metrics():
+    """A model whose weights went NaN scores NaN: the metrics say so, the worker keeps running."""
+    m = TaskMetrics("binary", window=8)
+    m.update(np.array([0.5, -1.0, 2.0]), np.array([1.0, 0.0, 1.0]))
+    m.update(np.array([np.nan, np.nan, np.inf, -np.inf]), np.array([1.0, 0.0, 1.0, 0.0]))
+    assert m.count == 7 and int(m.pos.sum() + m.neg.sum()) == 7
+    assert math.isnan(m.cumulative()["logloss"]) and math.isnan(m.windowed()["logloss"])
+    m.update(np.array([1.0]), np.array([1.0]))  # later batches are still counted
+    assert m.count == 8
