@@ -54,6 +54,10 @@ from teacher_worker.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
+# What a published version trained through: per partition the next offset to train and the
+# Kafka time of the last batch trained, and the examples trained in all.
+Published = tuple[dict[int, int], dict[int, int], int]
+
 # Fields of the per-step control all-reduce (a sum over the ranks).
 _EXAMPLES, _BATCHES, _STOP, _PUBLISH, _PAUSE = range(5)
 
@@ -95,7 +99,7 @@ class Trainer(Worker):
         # Rank 0: what the last publish trained through (watermark, Kafka times, examples), for a
         # checkpoint of the same weights on stop while the weights have not moved since; and the
         # version of the last checkpoint.
-        self.last_published: tuple[dict[int, int], dict[int, int], int] = ({}, {}, 0)
+        self.last_published: Published = ({}, {}, 0)
         self.trained_since_publish = False
         self.checkpointed = 0
         self.batches_since_checkpoint = 0
@@ -199,7 +203,6 @@ class Trainer(Worker):
                 )
             self.history.append((self.version, {}))
             self._checkpoint({}, {}, 0)  # first, so that a crash from here on restarts from version 0
-        watermark, times, examples = self.last_published
         newest = max(self.store.versions(), default=self.version)
         if newest > self.version:
             # Published after the checkpoint, before a restart: those weights are gone. The
@@ -209,31 +212,23 @@ class Trainer(Worker):
                 extra={"checkpoint": self.version, "store_newest": newest, "version": newest + 1},
             )
             self.version = newest + 1
-            self.history.append((self.version, watermark))
+            self.history.append((self.version, self.last_published[0]))
         described = self.store.describe(self.version)
         if described:  # in the store already: announced again (labelers ignore a version they know)
-            self._announce(self.version, *described, watermark, times, examples)
+            self._announce(self.version, *described, self.last_published)
             self.publisher.announced = self.version
         else:
-            self.publisher.publish(self.version, self.model.state_dict(), self._announcer(watermark, times, examples))
+            self.publisher.publish(self.version, self.model.state_dict(), self._announcer(self.last_published))
         self.publisher.wait()  # a store that refuses writes stops the start
         m.TEACHER_VERSION.labels(self.name).set(self.version)
 
-    def _announcer(self, watermark: dict[int, int], times: dict[int, int], examples: int):
+    def _announcer(self, published: Published):
         """The announcement of the current version, sent by the publisher once it is written."""
         version, oldest_kept = self.version, self.oldest_kept
-        return lambda uri, sha: self._announce(version, uri, sha, watermark, times, examples, oldest_kept)
+        return lambda uri, sha: self._announce(version, uri, sha, published, oldest_kept)
 
-    def _announce(
-        self,
-        version: int,
-        uri: str,
-        sha: str,
-        watermark: dict[int, int],
-        times: dict[int, int],
-        examples: int,
-        oldest_kept: int | None = None,
-    ) -> None:
+    def _announce(self, version: int, uri: str, sha: str, published: Published, oldest_kept: int | None = None) -> None:
+        watermark, times, examples = published
         announcement = CheckpointAnnouncement(
             version=version,
             uri=uri,
@@ -388,7 +383,7 @@ class Trainer(Worker):
         examples = sum(n for _, _, n in shares)
         self.history.append((self.version, watermark))
         self.last_published = (watermark, times, examples)
-        self.publisher.publish(self.version, self.model.state_dict(), self._announcer(watermark, times, examples))
+        self.publisher.publish(self.version, self.model.state_dict(), self._announcer(self.last_published))
         due = self.config.teacher.checkpoint.due(self.batches_since_checkpoint, time.monotonic() - self.last_checkpoint)
         if final or due:
             self._checkpoint(watermark, times, examples)
