@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from confluent_kafka import KafkaException
 
 from distill.core.config import Config, ProducerConfig
-from distill.core.kafka import Clients, ensure_topics, partition_count
+from distill.core.kafka import Clients, ensure_topics, fatal_cause, fenced, fenced_error, partition_count
 from distill.core.service import Service
 from distill.core.wire import Codec
 from producers import position as positions
@@ -230,6 +231,11 @@ class ProducerService(Worker):
                 return False
             self._idle(time.monotonic())
             return True
+        except KafkaException as exc:
+            self._failed = True
+            if self.txn is not None and fenced(fatal_cause(self.producer, exc)):
+                raise fenced_error(self.txn.transactional_id, "producer.producer_id") from None
+            raise
         except BaseException:
             self._failed = True
             raise

@@ -442,6 +442,21 @@ def fenced(exc: Exception) -> bool:
     return isinstance(err, KafkaError) and err.code() in codes
 
 
+def fatal_cause(producer: Producer | None, exc: Exception) -> Exception:
+    """What stopped a producer. A call on a producer already in a fatal state (fenced in the
+    background, while a batch was added to the transaction) raises only ``_FATAL``; the next
+    ``poll`` raises the error that caused it, so that ``fenced`` can tell which it was."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    fatal = KafkaError._FATAL  # noqa: SLF001 (librdkafka's local error codes start with "_")
+    if producer is None or not isinstance(err, KafkaError) or err.code() != fatal:
+        return exc
+    try:
+        producer.poll(0)
+    except KafkaException as cause:
+        return cause
+    return exc
+
+
 def fenced_error(transactional_id: str, setting: str) -> ConfigError:
     return ConfigError(
         f"transactional id {transactional_id!r} was taken over by another process started with the same name: "

@@ -22,6 +22,7 @@ from distill.core.kafka import (
     Clients,
     consume_available,
     export_lag,
+    fatal_cause,
     fenced,
     fenced_error,
     is_retriable,
@@ -174,10 +175,11 @@ class Worker:
         try:
             body()
         except Exception as exc:
+            exc = fatal_cause(self.producer, exc)
             if fenced(exc):
                 raise fenced_error(str(self.transactional_id), self.owner_setting) from None
             if not isinstance(exc, KafkaException) or not (needs_abort(exc) or is_retriable(exc)):
-                raise
+                raise exc
             log.warning("transaction failed: aborting", extra={"error": str(exc)})
             on_abort()
             return False

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from distill.core.exceptions import ConfigError
 from distill.core.presets import preset_overrides
 from distill.core.service import Service
 from producers import position
@@ -287,3 +288,31 @@ def test_a_stop_asked_for_as_the_data_ends_is_reported(make_config):
     assert result["stop_requested"] is True
     calm = run_producer(make_config(synthetic={"examples": 1_000}), "synthetic", **QUIET)
     assert calm["stopped"] == "end_of_data" and calm["stop_requested"] is False
+
+
+def test_two_producers_with_one_producer_id_stop_the_older_with_a_clear_error(make_config, tmp_path):
+    cfg = make_config(topics={"partitions": 2}, synthetic={"examples": 1_000_000})
+
+    def replay(name: str) -> ProducerService:
+        pcfg = producer_settings(cfg, rate=20_000, batch_size=500, position_file=tmp_path / f"{name}.json")
+        worker = ProducerService(cfg, SyntheticSource(cfg.synthetic), producer=pcfg, service=Service("producer", name))
+        worker.start()
+        return worker
+
+    older = replay("older")
+    newer = None
+    try:
+        for _ in range(20):
+            older.step()
+        newer = replay("newer")  # the same transactional id: the broker fences the older one
+        with pytest.raises(ConfigError) as err:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                older.step()
+        message = str(err.value)
+        assert "unique producer.producer_id" in message and f"producer.{cfg.producer.producer_id}" in message
+        assert newer.step()  # the newer one goes on
+    finally:
+        for worker in (older, newer):
+            if worker is not None:
+                worker.close()

@@ -3,9 +3,11 @@ trips, transactions, lag."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic, OffsetSpec
 
 from distill.core import metrics as m
@@ -17,6 +19,8 @@ from distill.core.kafka import (
     client_config,
     ensure_topics,
     export_lag,
+    fatal_cause,
+    fenced,
     lag,
     partition_count,
     redacted,
@@ -182,6 +186,27 @@ def test_label_batch_round_trip_in_a_transaction(
     decoded = codec.decode_labels(msg.value(), msg.headers())
     assert decoded.example_ids_checksum == labels.example_ids_checksum
     np.testing.assert_array_equal(decoded.logits, labels.logits)
+
+
+def test_a_producer_fenced_in_the_background_is_told_apart_from_other_fatal_errors(config_with_topics, unique_name):
+    # The newer producer fences the older one while its batch is added to the transaction in
+    # the background: the older one's next produce says only "fatal error" (_FATAL).
+    config = config_with_topics
+    tid = unique_name("txn")
+    older = Clients(config.kafka, "older").producer(transactional_id=tid)
+    older.init_transactions(10)
+    older.begin_transaction()
+    older.produce(config.topics.labels, value=b"first", partition=0)
+    older.flush(10)
+    Clients(config.kafka, "newer").producer(transactional_id=tid).init_transactions(10)
+    older.produce(config.topics.labels, value=b"to a new partition", partition=1)
+    with pytest.raises(KafkaException) as raised:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the background request has been refused
+            time.sleep(0.2)
+            older.produce(config.topics.labels, value=b"more", partition=1)
+    assert raised.value.args[0].code() == KafkaError._FATAL and not fenced(raised.value)
+    assert fenced(fatal_cause(older, raised.value))
 
 
 def test_empty_value_message_is_not_lost(config_with_topics, make_consumer, consume):
