@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,7 +44,25 @@ def find_binary(explicit: Path | None = None) -> Path:
     raise BrokerError(f"the embedded broker (tansu) is not installed; run: {INSTALL_HINT}")
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' local ports from (Linux's default
+    where it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, for a server started a moment later. Not one of the
+    ephemeral ports (what ``bind(0)`` gives): in that moment a client's outgoing connection
+    (a Kafka client opens many) may take it, and the server's bind then fails."""
+    low, _ = ephemeral_ports()
+    candidates = range(10_000, low) if low > 11_000 else range(0)
+    for port in random.sample(candidates, min(200, len(candidates))):
+        if not port_in_use(host, port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -76,6 +76,16 @@ def test_port_in_use_is_an_error_not_a_false_ready(broker, tmp_path):
     assert broker.process.poll() is None  # the session broker is untouched
 
 
+def test_free_ports_are_outside_the_range_outgoing_connections_take_theirs_from():
+    low, high = broker_module.ephemeral_ports()
+    ports = {broker_module.free_port() for _ in range(20)}
+    assert all(not low <= p <= high for p in ports), (ports, low, high)
+    assert len(ports) > 1  # random, so that two runs side by side rarely try the same one
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))  # free when asked
+
+
 def test_restart_on_the_same_port(tmp_path):
     """The port check must not refuse a port that the previous broker left in TIME_WAIT."""
     first = EmbeddedBroker(log_file=tmp_path / "b.log").start()
