@@ -9,7 +9,14 @@ import torch
 from distill.core.config import CategoricalFeature, Config, FeaturesConfig, ModelConfig, TaskConfig
 from distill.core.wire import ExampleBatch
 from distill.learn.losses import hard_losses
-from distill.learn.models import RankingModel, batch_tensors, make_optimizer, resolve_device, weights_finite
+from distill.learn.models import (
+    RankingModel,
+    batch_tensors,
+    make_optimizer,
+    resolve_device,
+    target_moments,
+    weights_finite,
+)
 
 TASKS = [TaskConfig(name="click"), TaskConfig(name="watch", type="regression")]
 
@@ -262,3 +269,30 @@ def test_training_on_a_learnable_signal_lowers_the_loss(one_thread):
     assert after[0] < 0.35, (before, after)
     # watch: from the variance of item_watch (~4) well towards the noise floor
     assert after[1] < 0.3 * before[1], (before, after)
+
+
+def test_running_target_moments_are_the_streams_exact_mean_and_variance():
+    tasks = [TaskConfig(name="click", type="binary"), TaskConfig(name="watch", type="regression")]
+    model = RankingModel(Config().features, tasks, ModelConfig(hidden=[4], embedding_dim=2))
+    rng = np.random.default_rng(0)
+    seen = []
+    for n in (1, 300, 0, 7, 64):  # uneven batches, one empty
+        labels = np.stack([rng.integers(0, 2, n), rng.normal(40.0, 3.0, n)], axis=1)
+        seen.append(labels)
+        model.observe_targets(target_moments(torch.from_numpy(labels)))
+    # two ranks' moments summed (what a trainer's all-reduce hands every rank) count as one batch
+    halves = [np.stack([rng.integers(0, 2, 50), rng.normal(40.0, 3.0, 50)], axis=1) for _ in range(2)]
+    seen += halves
+    model.observe_targets(sum(target_moments(torch.from_numpy(h)) for h in halves))
+    watch = np.concatenate(seen)[:, 1]
+    assert model.target_count.item() == len(watch) == 472
+    np.testing.assert_allclose(model.target_mean[1].item(), watch.mean(), rtol=1e-6)
+    np.testing.assert_allclose(model.target_var[1].item(), watch.var(), rtol=1e-5)
+    assert model.target_mean[0].item() == 0.0 and model.target_var[0].item() == 1.0  # binary: identity
+
+
+def test_frozen_target_moments_do_not_move():
+    model = RankingModel(Config().features, Config().tasks, ModelConfig(hidden=[4], standardize_targets=False))
+    model.observe_targets(target_moments(torch.full((8, len(Config().tasks)), 5.0)))
+    assert model.target_count.item() < 0 and model.target_mean.abs().sum().item() == 0.0
+    assert model.target_var.eq(1.0).all()
