@@ -330,16 +330,24 @@ def ensure_topics(config: Config, admin: AdminClient, seconds: float | None = 60
                         if code != KafkaError.TOPIC_ALREADY_EXISTS:
                             raise
     # Apache Kafka answers CreateTopics before its metadata lists the new topics, and lists them
-    # with LEADER_NOT_AVAILABLE until their partitions have leaders.
+    # with LEADER_NOT_AVAILABLE until their partitions have leaders. Each metadata request may go
+    # to another broker of a cluster, one that has not heard of them yet: the counts checked are
+    # those of the one answer that listed every topic.
     deadline = time.monotonic() + 30
-    while not _listed(admin, set(wanted)) and time.monotonic() < deadline:
+    while (counts := _listed(admin, set(wanted))) is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    check_partitions(config, admin)
+    if counts is None:
+        check_partitions(config, admin)  # says which is missing
+    else:
+        _check_counts(config, counts[topics.examples], counts[topics.labels])
 
 
-def _listed(admin: AdminClient, names: set[str]) -> bool:
+def _listed(admin: AdminClient, names: set[str]) -> dict[str, int] | None:
+    """Each topic's partition count, from one metadata answer that lists them all; else None."""
     topics = admin.list_topics(timeout=5.0).topics
-    return all(name in topics and topics[name].error is None for name in names)
+    if not all(name in topics and topics[name].error is None for name in names):
+        return None
+    return {name: len(topics[name].partitions) for name in names}
 
 
 def _not_authorized(config: Config, topic: str) -> ConfigError:
@@ -352,8 +360,12 @@ def _not_authorized(config: Config, topic: str) -> ConfigError:
 
 def check_partitions(config: Config, admin: AdminClient) -> int:
     """The labels topic must mirror the examples topic: label batch i of partition p goes to p."""
-    ex = partition_count(admin, config.topics.examples)
-    lb = partition_count(admin, config.topics.labels)
+    return _check_counts(
+        config, partition_count(admin, config.topics.examples), partition_count(admin, config.topics.labels)
+    )
+
+
+def _check_counts(config: Config, ex: int | None, lb: int | None) -> int:
     if ex is None or lb is None:
         missing = config.topics.examples if ex is None else config.topics.labels
         raise TopicMismatchError(f"topic {missing!r} does not exist; create it or run `distill topics create`")
