@@ -279,3 +279,27 @@ def test_non_finite_outputs_show_in_the_log_loss_and_do_not_stop_the_metrics():
     assert math.isnan(m.cumulative()["logloss"]) and math.isnan(m.windowed()["logloss"])
     m.update(np.array([1.0]), np.array([1.0]))  # later batches are still counted
     assert m.count == 8
+
+
+def test_gathered_updates_read_as_if_each_batch_were_applied_at_once():
+    # Updates are applied in bunches; whenever the metrics are read (a progress line, a
+    # checkpoint) they are those of every batch so far, in order, the window included.
+    rng = np.random.default_rng(3)
+    ev = ProgressiveEvaluator(["click"], ["binary"], window=1000)
+    ref = TaskMetrics("binary", window=1000)
+    for i in range(40):
+        n = int(rng.integers(1, 300))
+        out = rng.normal(0, 2, (n, 1)).astype(np.float32)
+        label = (rng.random((n, 1)) < 0.3).astype(np.float32)
+        ev.update("main", out, label)
+        ref.update(out[:, 0], label[:, 0])
+        if i in (0, 7, 8, 25):
+            got = ev.metrics[("click", "main")]
+            assert got.count == ref.count
+            assert got.cumulative() == pytest.approx(ref.cumulative(), rel=1e-9)
+            assert got.windowed() == pytest.approx(ref.windowed(), rel=1e-9)
+    state = ev.state_dict()  # what a checkpoint holds: the last batches too
+    restored = ProgressiveEvaluator(["click"], ["binary"], window=1000)
+    restored.load_state_dict(_roundtrip(state))
+    assert restored.metrics[("click", "main")].count == ref.count
+    assert restored.snapshot()["click"]["main"]["windowed"] == pytest.approx(ref.windowed(), rel=1e-9)
