@@ -43,6 +43,7 @@ class BufferedLabel:
     offset: int
     arrived: float
     message: Any = None  # the raw message, for the DLQ if the label does not match its batch
+    matched: bool = False  # checked against its example batch on arrival (else when trained)
 
 
 @dataclass
@@ -102,7 +103,7 @@ class PartitionJoin:
             return "duplicate"
         if label.source_offset < self.next_offset:
             return "late"
-        self.labels[label.batch_id] = BufferedLabel(label, offset, now, message)
+        self.labels[label.batch_id] = BufferedLabel(label, offset, now, message, matched=pending is not None)
         heapq.heappush(self._by_offset, (label.source_offset, label.batch_id))
         return None
 

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -100,6 +101,7 @@ class StudentWorker(Worker):
         # observed per batch: looked up once
         self._label_delay = m.STUDENT_LABEL_DELAY.labels(name)
         self._label_staleness = m.STUDENT_LABEL_STALENESS.labels(name)
+        self._children: dict[tuple, Any] = {}  # the per-step metrics' labelled children (see _metric)
         for counter in [m.STUDENT_NAN.labels(name), m.STUDENT_CKPT_FAILURES.labels(name)] + [
             m.STUDENT_JOIN.labels(name, o) for o in ("joined", "missing", "late", "duplicate")
         ]:
@@ -260,7 +262,7 @@ class StudentWorker(Worker):
         if trained:
             elapsed = time.perf_counter() - started
             self.busy_s += elapsed
-            m.STUDENT_THROUGHPUT.labels(self.name).set(self.throughput.update(trained, elapsed))
+            self._metric(m.STUDENT_THROUGHPUT).set(self.throughput.update(trained, elapsed))
         self._backpressure()
         if self._checkpoint_due():
             self.checkpoint()
@@ -317,7 +319,7 @@ class StudentWorker(Worker):
             return 0
         trained: list[Trained] = []
         for r in ready:
-            if r.label is not None and not self._label_matches(r):
+            if r.label is not None and not r.label.matched and not self._label_matches(r):
                 r.label = None
             trained.append(self._train_one(r))
         self._account(ready, trained)
@@ -368,11 +370,11 @@ class StudentWorker(Worker):
                     "teacher", np.concatenate([t.teacher for t in joined]), np.concatenate([t.labels for t in joined])
                 )
             for (i, head), value in scored[-1].losses.items():
-                m.STUDENT_LOSS.labels(self.name, self.task_names[i], head).set(value.item())
+                self._metric(m.STUDENT_LOSS, self.task_names[i], head).set(value.item())
         if self.sc.mode != "none":
             for j, weight, lead in zip(self.distilled, self.gate.weights(), self.gate.leads(), strict=True):
-                m.STUDENT_SOFT_WEIGHT.labels(self.name, self.task_names[j]).set(weight)
-                m.STUDENT_TEACHER_LEAD.labels(self.name, self.task_names[j]).set(lead)
+                self._metric(m.STUDENT_SOFT_WEIGHT, self.task_names[j]).set(weight)
+                self._metric(m.STUDENT_TEACHER_LEAD, self.task_names[j]).set(lead)
         for r in ready:
             has_label = r.label is not None
             self.trained_batch_ids.append(r.examples.batch.batch_id)
@@ -389,11 +391,11 @@ class StudentWorker(Worker):
         self.counts["examples_trained"] += n
         self.counts["batches_trained"] += len(ready)
         self.batches_since_ckpt += len(ready)
-        m.STUDENT_JOIN.labels(self.name, "joined").inc(n_joined)
-        m.STUDENT_JOIN.labels(self.name, "missing").inc(n_missing)
-        m.STUDENT_EXAMPLES.labels(self.name).inc(n)
-        m.STUDENT_BATCHES.labels(self.name).inc(len(ready))
-        m.STUDENT_COVERAGE.labels(self.name).set(sum(self.recent_outcomes) / len(self.recent_outcomes))
+        self._metric(m.STUDENT_JOIN, "joined").inc(n_joined)
+        self._metric(m.STUDENT_JOIN, "missing").inc(n_missing)
+        self._metric(m.STUDENT_EXAMPLES).inc(n)
+        self._metric(m.STUDENT_BATCHES).inc(len(ready))
+        self._metric(m.STUDENT_COVERAGE).set(sum(self.recent_outcomes) / len(self.recent_outcomes))
 
     def _backpressure(self) -> None:
         """Pause a topic's partition whose side of the join is full; resume when it drains."""
@@ -410,9 +412,16 @@ class StudentWorker(Worker):
                 elif key in self.paused and empty_enough:
                     self.consumer.resume(partitions_at(topic, {p: 0}))
                     self.paused.discard(key)
-        m.STUDENT_PENDING.labels(self.name).set(sum(len(j.examples) for j in self.joins.values()))
+        self._metric(m.STUDENT_PENDING).set(sum(len(j.examples) for j in self.joins.values()))
         for topic in (topics.examples, topics.labels):
-            m.STUDENT_PAUSED.labels(self.name, topic).set(sum(1 for t, _ in self.paused if t == topic))
+            self._metric(m.STUDENT_PAUSED, topic).set(sum(1 for t, _ in self.paused if t == topic))
+
+    def _metric(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(self.name, *labels)``, looked up once: the hot path sets a dozen a step."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[(metric, labels)] = metric.labels(self.name, *labels)
+        return child
 
     def progress_count(self) -> int:
         return self.counts["examples_trained"]
