@@ -13,6 +13,7 @@ into the target's units. Published labels, metrics and the serving model are in 
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ torch.sparse.check_sparse_tensor_invariants.disable()
 
 # Fibonacci hashing constant (2**64 / golden ratio) as a signed int64; torch wraps on overflow.
 _HASH_MULTIPLIER = -7046029254386353131
+_PER_FEATURE_TABLE = re.compile(r"tables\.\d+\.weight")
 
 
 def resolve_device(setting: Device) -> torch.device:
@@ -58,11 +60,14 @@ class RankingModel(nn.Module):
         super().__init__()
         self.task_names = [t.name for t in tasks]
         self.aux_tasks = list(aux_tasks or [])
-        self.register_buffer("buckets", torch.tensor([f.buckets for f in features.categorical], dtype=torch.long))
+        buckets = [f.buckets for f in features.categorical]
+        self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.long))
+        # Every feature's rows in one table (as FBGEMM's table-batched embeddings): one lookup
+        # and one optimizer step a batch instead of one per feature. Feature i owns the rows
+        # from offsets[i] on.
+        self.register_buffer("offsets", torch.tensor(np.cumsum([0, *buckets[:-1]]), dtype=torch.long), persistent=False)
         adagrad = model.table_optimizer == "adagrad"
-        self.tables = nn.ModuleList(
-            nn.Embedding(f.buckets, model.embedding_dim, sparse=adagrad) for f in features.categorical
-        )
+        self.tables = nn.Embedding(sum(buckets), model.embedding_dim, sparse=adagrad) if buckets else None
         # Running moments of the regression targets (binary columns stay 0 and 1: identity).
         # target_count < 0 freezes them (a checkpoint from before standardisation: raw units).
         self.regression_tasks = [i for i, t in enumerate(tasks) if t.type == "regression"]
@@ -71,8 +76,8 @@ class RankingModel(nn.Module):
         self.register_buffer("target_count", torch.tensor(0.0 if model.standardize_targets else -1.0))
         aux_index = [self.task_names.index(t) for t in self.aux_tasks]
         self.register_buffer("aux_index", torch.tensor(aux_index, dtype=torch.long), persistent=False)
-        for table in self.tables:
-            nn.init.normal_(table.weight, std=0.05)
+        if self.tables is not None:
+            nn.init.normal_(self.tables.weight, std=0.05)
         in_dim = len(features.categorical) * model.embedding_dim + len(features.dense)
         self.dense_norm = nn.LayerNorm(len(features.dense)) if features.dense else None
         self.cross = nn.ModuleList(CrossLayer(in_dim) for _ in range(model.cross_layers))
@@ -106,9 +111,19 @@ class RankingModel(nn.Module):
             p.numel() for name, p in self.named_parameters() if not (serving_only and name.startswith("aux_head"))
         )
 
+    def hashed_ids(self, categorical: torch.Tensor) -> torch.Tensor:
+        """Each id's row within its feature's buckets [n, features] (any int64 id)."""
+        return torch.remainder(categorical * _HASH_MULTIPLIER, self.buckets)
+
+    def feature_rows(self, feature: int) -> torch.Tensor:
+        """Feature ``feature``'s rows of the table (a view)."""
+        start = int(self.offsets[feature])
+        return self.tables.weight[start : start + int(self.buckets[feature])]
+
     def embed(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        hashed = torch.remainder(categorical * _HASH_MULTIPLIER, self.buckets)
-        parts = [table(hashed[:, i]) for i, table in enumerate(self.tables)]
+        parts = []
+        if self.tables is not None:
+            parts.append(self.tables(self.hashed_ids(categorical) + self.offsets).flatten(1))
         if self.dense_norm is not None:
             parts.append(self.dense_norm(dense))
         x0 = torch.cat(parts, dim=1)
@@ -181,6 +196,10 @@ class RankingModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         state = dict(state_dict)
+        per_feature = sorted((k for k in state if _PER_FEATURE_TABLE.fullmatch(k)), key=lambda k: int(k.split(".")[1]))
+        if per_feature:
+            # Written when each feature had a table of its own: the same rows, one after another.
+            state["tables.weight"] = torch.cat([state.pop(k) for k in per_feature])
         mine = self.state_dict()
         aux = [k for k in state if k.startswith("aux_head.")]
         if any(k not in mine or state[k].shape != mine[k].shape for k in aux) or (
@@ -259,6 +278,7 @@ class ModelOptimizer:
         dense = [p for name, p in model.named_parameters() if not (sparse and name.startswith("tables."))]
         self.dense = _adam(dense, config)
         self.tables = RowWiseAdagrad(tables, lr=config.table_learning_rate) if sparse and tables else None
+        self.feature_rows = model.buckets.tolist()
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -286,13 +306,32 @@ class ModelOptimizer:
         parts = [(self.dense, state if not split else state["dense"])]
         if split:
             assert self.tables is not None
-            parts.append((self.tables, state["tables"]))
+            parts.append((self.tables, _one_table_state(state["tables"], self.feature_rows)))
         for opt, saved in parts:
             if not _same_shapes(opt, saved):
                 log.warning("checkpoint's optimizer state is for other parameter shapes: optimizer state reset")
                 return
         for opt, saved in parts:
             opt.load_state_dict(saved)
+
+
+def _one_table_state(saved: dict, feature_rows: list[int]) -> dict:
+    """Row-wise Adagrad state of a table per feature (older checkpoints) as that of the one
+    table: the features' accumulators one after another (a feature never stepped: zeros).
+    Another number of tables than features is left as it is (the shape check resets it)."""
+    ids = [i for group in saved.get("param_groups", []) for i in group["params"]]
+    if len(ids) <= 1 or len(ids) != len(feature_rows):
+        return saved
+    sums = []
+    for i, rows in zip(ids, feature_rows, strict=True):
+        accumulator = saved.get("state", {}).get(i, {}).get("sum")
+        if accumulator is None:
+            accumulator = torch.zeros(rows)
+        elif accumulator.dim() > 1:  # torch's element-wise Adagrad: the row's mean
+            accumulator = accumulator.float().mean(1)
+        sums.append(accumulator.float())
+    group = {**saved["param_groups"][0], "params": [ids[0]]}
+    return {"state": {ids[0]: {"sum": torch.cat(sums)}}, "param_groups": [group]}
 
 
 def _same_shapes(opt: torch.optim.Optimizer, saved: dict) -> bool:
@@ -303,7 +342,8 @@ def _same_shapes(opt: torch.optim.Optimizer, saved: dict) -> bool:
         return False
     for i, p in zip(ids, params, strict=True):
         for value in saved.get("state", {}).get(i, {}).values():
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+            # Adam's moments are shaped as the parameter; row-wise Adagrad keeps one value a row
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape not in (p.shape, p.shape[:1]):
                 return False
     return True
 

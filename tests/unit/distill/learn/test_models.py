@@ -87,26 +87,20 @@ def test_default_config_model_runs_on_a_wire_batch(make_batch):
 )
 def test_hashing_maps_any_int64_into_range(ids):
     model = small_model(buckets=(7, 11))
-    captured: list[torch.Tensor] = []
-    for table in model.tables:
-        table.register_forward_hook(lambda mod, args, out: captured.append(args[0].clone()))
     col = torch.tensor(ids, dtype=torch.long)
     cat = torch.stack([col, col.flip(0)], dim=1)
     main, _ = model(cat, torch.zeros(len(ids), 3))
     assert torch.isfinite(main).all()
-    assert len(captured) == 2
-    for hashed, buckets in zip(captured, (7, 11), strict=True):
+    for hashed, buckets in zip(model.hashed_ids(cat).T, (7, 11), strict=True):
         assert hashed.dtype == torch.long
         assert int(hashed.min()) >= 0 and int(hashed.max()) < buckets
 
 
 def test_hashing_spreads_sequential_ids_over_buckets():
     model = small_model(buckets=(101, 11))
-    hashed = []
-    model.tables[0].register_forward_hook(lambda mod, args, out: hashed.append(args[0]))
     ids = torch.arange(10_000, dtype=torch.long)
-    model(torch.stack([ids, ids], dim=1), torch.zeros(len(ids), 3))
-    counts = torch.bincount(hashed[0], minlength=101)
+    hashed = model.hashed_ids(torch.stack([ids, ids], dim=1))[:, 0]
+    counts = torch.bincount(hashed, minlength=101)
     assert int((counts > 0).sum()) == 101  # every bucket used
     assert int(counts.max()) < 2 * 10_000 / 101  # no bucket badly overloaded
 
@@ -296,3 +290,50 @@ def test_frozen_target_moments_do_not_move():
     model.observe_targets(target_moments(torch.full((8, len(Config().tasks)), 5.0)))
     assert model.target_count.item() < 0 and model.target_mean.abs().sum().item() == 0.0
     assert model.target_var.eq(1.0).all()
+
+
+def _stepped(model: RankingModel, steps: int = 3):
+    optimizer = make_optimizer(model, ModelConfig())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        cat = torch.randint(0, 10**6, (16, 2), generator=g)
+        main, _ = model(cat, torch.randn(16, 3, generator=g))
+        main.sum().backward()
+        optimizer.step()
+    return optimizer
+
+
+def test_the_optimizers_state_survives_a_checkpoint():
+    model = small_model()
+    optimizer = _stepped(model)
+    restored = make_optimizer(model, ModelConfig())
+    restored.load_state_dict(optimizer.state_dict())
+    (table,) = restored.tables.state.values()  # row-wise Adagrad: one accumulator a row
+    torch.testing.assert_close(table["sum"], next(iter(optimizer.tables.state.values()))["sum"])
+    assert table["sum"].shape == (7 + 11,) and table["sum"].gt(0).any()
+    assert len(restored.dense.state) == len(optimizer.dense.state) > 0  # Adam's moments too
+
+
+def test_a_checkpoint_with_a_table_per_feature_loads_into_the_one_table():
+    model = small_model()
+    optimizer = _stepped(model)
+    # what the version with a table per feature wrote: tables.<i>.weight, an accumulator each
+    weights = model.state_dict()
+    table = weights.pop("tables.weight")
+    weights["tables.0.weight"], weights["tables.1.weight"] = table[:7], table[7:]
+    saved = optimizer.state_dict()
+    (accumulator,) = [s["sum"] for s in saved["tables"]["state"].values()]
+    group = saved["tables"]["param_groups"][0]
+    saved["tables"] = {
+        "state": {0: {"sum": accumulator[:7]}, 1: {"sum": accumulator[7:]}},
+        "param_groups": [{**group, "params": [0, 1]}],
+    }
+    fresh = small_model(dropout=0.0)
+    fresh.load_state_dict(weights)
+    torch.testing.assert_close(fresh.tables.weight, model.tables.weight)
+    restored = make_optimizer(fresh, ModelConfig())
+    restored.load_state_dict(saved)
+    torch.testing.assert_close(next(iter(restored.tables.state.values()))["sum"], accumulator)
+    cat = torch.tensor([[3, 5], [10**12, -4]])
+    torch.testing.assert_close(fresh(cat, torch.ones(2, 3))[0], model(cat, torch.ones(2, 3))[0])

@@ -80,11 +80,10 @@ def test_a_table_row_absent_from_the_batch_does_not_move():
     model = learner.model
     hashed = torch.remainder(torch.arange(1000) * -7046029254386353131, 13)  # user_id's rows
     users = np.arange(1000)[(hashed != 5).numpy()][:40]  # no user that hashes to row 5
-    table = model.tables[0].weight
-    before = table.detach().clone()
+    before = model.feature_rows(0).detach().clone()
     for seed in range(5):
         learner.step(learner.tensors(batch(n=40, seed=seed, users=users)))
-    moved = ~torch.isclose(table.detach(), before).all(dim=1)
+    moved = ~torch.isclose(model.feature_rows(0).detach(), before).all(dim=1)
     assert not moved[5], "row 5 was never looked up, yet it moved"
     assert moved.sum() >= 10  # the rows the batches used did move
 
@@ -96,13 +95,13 @@ def test_tables_get_sparse_gradients_and_only_looked_up_rows_move():
         teacher={"model": {"embedding_dim": 8, "hidden": [8]}},
     )  # fmt: skip
     learner = teacher_learner(cfg)
-    big, small = learner.model.tables
-    assert big.sparse and small.sparse
-    before = big.weight.detach().clone()
+    model = learner.model
+    assert model.tables.sparse and model.tables.num_embeddings == 50_021 + 17
+    before = model.tables.weight.detach().clone()
     learner.step(learner.tensors(batch(n=64, seed=1)))
-    assert big.weight.grad.is_sparse
-    moved = ~torch.isclose(big.weight.detach(), before).all(dim=1)
-    assert 0 < moved.sum() <= 64  # only rows the batch looked up
+    assert model.tables.weight.grad.is_sparse
+    moved = ~torch.isclose(model.tables.weight.detach(), before).all(dim=1)
+    assert 0 < moved[:50_021].sum() <= 64 and 0 < moved[50_021:].sum() <= 17  # only rows the batch looked up
 
 
 def test_dense_adam_moves_every_row_once_momentum_builds():
@@ -114,9 +113,9 @@ def test_dense_adam_moves_every_row_once_momentum_builds():
     first = np.arange(1000)[(hashed == 1).numpy()][:8]
     other = np.arange(1000)[(hashed == 2).numpy()][:8]
     learner.step(learner.tensors(batch(n=8, seed=1, users=first)))
-    row1 = learner.model.tables[0].weight.detach()[1].clone()
+    row1 = learner.model.feature_rows(0).detach()[1].clone()
     learner.step(learner.tensors(batch(n=8, seed=2, users=other)))
-    assert not torch.allclose(learner.model.tables[0].weight.detach()[1], row1)
+    assert not torch.allclose(learner.model.feature_rows(0).detach()[1], row1)
 
 
 def test_regression_targets_are_standardised_and_scores_stay_in_their_units():
@@ -187,7 +186,7 @@ def test_a_student_with_a_feature_subset_reads_only_its_columns():
     sc = cfg.student("few")
     features = cfg.features.subset(sc.features)
     learner = Learner.build(cfg, sc.model, Objective.student(cfg, sc), torch.device("cpu"), features)
-    assert len(learner.model.tables) == 1 and learner.model.tables[0].num_embeddings == 17
+    assert learner.model.buckets.tolist() == [17] and learner.model.tables.num_embeddings == 17
     x = batch()
     t = learner.tensors(x)
     np.testing.assert_array_equal(t.categorical.numpy(), x.categorical[:, [1]])
