@@ -278,7 +278,7 @@ class ModelOptimizer:
         dense = [p for name, p in model.named_parameters() if not (sparse and name.startswith("tables."))]
         self.dense = _adam(dense, config)
         self.tables = RowWiseAdagrad(tables, lr=config.table_learning_rate) if sparse and tables else None
-        self.feature_rows = model.buckets.tolist()
+        self.rows_per_feature = model.buckets.tolist()
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -306,7 +306,7 @@ class ModelOptimizer:
         parts = [(self.dense, state if not split else state["dense"])]
         if split:
             assert self.tables is not None
-            parts.append((self.tables, _one_table_state(state["tables"], self.feature_rows)))
+            parts.append((self.tables, _one_table_state(state["tables"], self.rows_per_feature)))
         for opt, saved in parts:
             if not _same_shapes(opt, saved):
                 log.warning("checkpoint's optimizer state is for other parameter shapes: optimizer state reset")
@@ -315,15 +315,15 @@ class ModelOptimizer:
             opt.load_state_dict(saved)
 
 
-def _one_table_state(saved: dict, feature_rows: list[int]) -> dict:
+def _one_table_state(saved: dict, rows_per_feature: list[int]) -> dict:
     """Row-wise Adagrad state of a table per feature (older checkpoints) as that of the one
     table: the features' accumulators one after another (a feature never stepped: zeros).
     Another number of tables than features is left as it is (the shape check resets it)."""
     ids = [i for group in saved.get("param_groups", []) for i in group["params"]]
-    if len(ids) <= 1 or len(ids) != len(feature_rows):
+    if len(ids) <= 1 or len(ids) != len(rows_per_feature):
         return saved
     sums = []
-    for i, rows in zip(ids, feature_rows, strict=True):
+    for i, rows in zip(ids, rows_per_feature, strict=True):
         accumulator = saved.get("state", {}).get(i, {}).get("sum")
         if accumulator is None:
             accumulator = torch.zeros(rows)
