@@ -99,11 +99,21 @@ def check_mapping(config: Config) -> None:
 class _Record:
     """The position record of one transaction (key ``events.<producer id>``)."""
 
-    def __init__(self, producer_id: str, next_seq: int, offsets: dict[int, int], inputs: dict[int, int]):
+    def __init__(
+        self,
+        producer_id: str,
+        next_seq: int,
+        offsets: dict[int, int],
+        inputs: dict[int, int],
+        skip: list[int] | None = None,
+    ):
         self.producer_id = producer_id
         self.next_seq = next_seq
         self.offsets = offsets  # examples topic: partition -> offset after this source's last batch
         self.inputs = inputs  # events topic: partition -> next offset to read
+        # places an aborted-but-visible transaction delivered that no run has read past yet: they
+        # lie before ``offsets``, where the next recovery's scan does not look
+        self.skip = skip or []
 
     def encode(self) -> tuple[bytes, bytes]:
         value = {
@@ -112,6 +122,7 @@ class _Record:
             "next_seq": self.next_seq,
             "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
             "inputs": {str(p): o for p, o in sorted(self.inputs.items())},
+            "skip": self.skip,
             "written_at": time.time(),
         }
         return record_key(self.producer_id), json.dumps(value).encode()
@@ -269,6 +280,7 @@ class EventsService(Worker):
                     int(data["next_seq"]),
                     {int(p): int(o) for p, o in data["offsets"].items()},
                     {int(p): int(o) for p, o in data["inputs"].items()},
+                    [int(w) for w in data.get("skip", [])],
                 )
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(
@@ -277,6 +289,7 @@ class EventsService(Worker):
                 ) from None
         self.batcher.next_seq = self.record.next_seq
         self.resume = dict(self.record.inputs)
+        self.skip.update(self.record.skip)
         found = 0
         for msg in recovery.read_to_end(self.clients, admin, self.topic, self.record.offsets):
             headers: Any = msg.headers()
@@ -418,7 +431,11 @@ class EventsService(Worker):
         for sent in batches:
             if sent.topic is None:
                 offsets[sent.partition] = max(offsets.get(sent.partition, 0), sent.offset + 1)
-        return _Record(self.pid, self.next_seq, offsets, dict(self.consumed))
+        # A partition this run has not read yet (not assigned yet, or nothing new) keeps the
+        # position recovered for it, and the places still to skip go on: a run killed before
+        # reading it must leave the next one both, or that one reads those events again.
+        inputs = {**{p: o for p, o in self.record.inputs.items() if p not in self.consumed}, **self.consumed}
+        return _Record(self.pid, self.next_seq, offsets, inputs, sorted(self.skip))
 
     def _send_offsets(self) -> None:
         offsets = [TopicPartition(self.ecfg.topic, p, o) for p, o in sorted(self.consumed.items())]
