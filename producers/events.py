@@ -21,9 +21,11 @@ Recovery: Apache Kafka hides aborted transactions and resumes the group at its c
 offsets, which is the whole story there. The embedded broker shows aborted transactions to
 read_committed readers and may not keep their offsets, so, as for the replay producers
 (``producers.recovery``): each transaction's position record names the examples topic's offsets
-after it and the next input offsets; on start, every batch of this source visible after those
-offsets counts as delivered (its headers list the events' places), those events are skipped,
-and each input partition resumes at the later of the group's offset and the record's.
+after it, the next input offsets (a partition the run has not read keeps the one recovered for
+it) and the places still to skip; on start, every batch of this source visible after those
+offsets counts as delivered (its headers list the events' places), those events and the
+record's places are skipped, and each input partition resumes at the later of the group's
+offset and the record's.
 """
 
 from __future__ import annotations
