@@ -13,7 +13,8 @@ from distill.core import metrics as m
 from distill.core.exceptions import ConfigError
 from distill.core.service import Service
 from distill.core.wire import Codec
-from producers.events import EventsService
+from producers.events import EventsService, _Record
+from producers.records import place
 from producers.file import text_id
 from tests.integration.producers.events_help import (
     create_topic,
@@ -173,3 +174,19 @@ def test_a_partial_batch_goes_out_after_linger(make_config, unique_name):
         assert sorted(example_ids(examples(cfg, idle=0.5)).tolist()) == list(range(10))
     finally:
         svc.close()
+
+
+def test_a_position_record_carries_what_the_run_has_not_read_yet(make_config, unique_name):
+    # The embedded broker case of the SIGKILL storm, without the kills: a run recovered partition
+    # 2's position and places an aborted-but-visible transaction delivered, then committed having
+    # read only partitions 0 and 1. Its record must hand both on, or a run after it reads them again.
+    svc = EventsService(events_config(make_config, unique_name("events")))
+    delivered = {place(2, 960), place(2, 961)}
+    svc.record = _Record(svc.pid, 5, {0: 10}, {0: 100, 1: 200, 2: 955}, sorted(delivered))
+    svc.skip = set(delivered)
+    svc.consumed = {0: 150, 1: 210}
+    record = svc._next_record([])
+    assert record.inputs == {0: 150, 1: 210, 2: 955}
+    assert set(record.skip) == delivered
+    _, value = record.encode()
+    assert json.loads(value)["skip"] == sorted(delivered) and json.loads(value)["inputs"]["2"] == 955
