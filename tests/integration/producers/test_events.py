@@ -14,8 +14,8 @@ from distill.core.exceptions import ConfigError
 from distill.core.service import Service
 from distill.core.wire import Codec
 from producers.events import EventsService, _Record
-from producers.records import place
 from producers.file import text_id
+from producers.records import place
 from tests.integration.producers.events_help import (
     create_topic,
     event,
