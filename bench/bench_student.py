@@ -5,23 +5,36 @@ scores and trains. The baseline runs the same model's forward, aux loss and step
 decoded batches with the same teacher logits. Both run torch on one thread, as the worker
 processes do. Target ratio at least 0.95.
 
-Two rows say where the rest goes, in the worker's own seconds (immune to the machine's drift
-between the runs): the share of them spent in the model loop itself, and the CPU that ran beside
-the worker's thread (the broker's and the Kafka client threads') with that thread's CPU over
-its wall time (below 1: the thread waited, on the broker or for a core).
+The machine is shared and its speed drifts within seconds, so the two take turns in slices of
+half a second (``bench.workers.side_by_side``): each round is a fresh student reading both
+topics from the start beside a fresh baseline model, and the median round's ratio is reported
+with the range.
 
-The machine is shared: five worker runs alternate with six baseline runs, and the median
-round's ratio is reported with the range. The window opens when the worker's first poll returns
-records (the group join and the first fetch are start-up)."""
+Three rows say where the rest goes: the share of the worker's own seconds spent in the model
+loop, that loop's speed in the worker over in memory (their product is the ratio), and the CPU
+that ran beside the worker's thread (the broker's and the Kafka client threads') with that
+thread's CPU over its wall time (below 1: the thread waited, on the broker or for a core)."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import torch
 
-from bench.workers import ROUNDS, Beside, InStep, broker_stream, interleaved, one_thread, read_batches, timed_steps
+from bench.workers import (
+    ROUNDS,
+    SLICE_S,
+    Beside,
+    InStep,
+    Round,
+    broker_stream,
+    cycle_steps,
+    median_round,
+    one_thread,
+    read_batches,
+    side_by_side,
+)
+from distill.core.config import Config
+from distill.core.wire import ExampleBatch
 from distill.learn.gate import TeacherGate
 from distill.learn.step import Learner, Objective
 from student_worker.worker import StudentWorker
@@ -30,31 +43,30 @@ from teacher_worker.worker import TeacherWorker
 EXAMPLES = 240_000
 
 
-def in_memory_rate(cfg, batches, logits) -> float:
-    sc = cfg.student("aux-0")
+def one_round(cfg: Config, name: str, batches: list[ExampleBatch], beside: Beside) -> tuple[Round, list[dict]]:
+    sc = cfg.student(name)
     learner = Learner.build(cfg, sc.model, Objective.student(cfg, sc), torch.device("cpu"))
-    kinds = [t.type for t in cfg.tasks]
-    gate = TeacherGate.of(sc, learner.objective.distilled, kinds)
-    started = time.perf_counter()
-    for b, t in zip(batches, logits, strict=True):
+    gate = TeacherGate.of(sc, learner.objective.distilled, [t.type for t in cfg.tasks])
+    logits = [np.zeros((b.size, 2), dtype=np.float32) + 0.1 for b in batches]
+
+    def base_step(i: int) -> int:
+        b, t = batches[i], logits[i]
         scored = learner.step(learner.tensors(b), t, sc.soft_weight, gate.fractions())
         gate.update(scored.main, t, b.labels)
-    return sum(b.size for b in batches) / (time.perf_counter() - started)
+        return b.size
 
-
-def worker_rate(cfg, name: str, beside: Beside) -> tuple[float, list[dict]]:
     student = StudentWorker(cfg, name)
     in_step = InStep((student.learner, "tensors"), (student.learner, "step"), (student.gate, "update"))  # as in memory
     student.start()
-
-    def step() -> bool:
-        before = student.counts["examples_trained"]
-        student.step()
-        return student.counts["examples_trained"] > before
-
-    seconds = timed_steps(step, lambda: student.counts["examples_trained"] >= EXAMPLES, beside, student)
+    measured = side_by_side(
+        student,
+        lambda: student.counts["examples_trained"],
+        cycle_steps(base_step, len(batches)),
+        lambda: student.counts["examples_trained"] >= EXAMPLES,
+        beside,
+    )
     student.close()
-    return EXAMPLES / seconds, [*in_step.rows("student worker", seconds), *beside.rows("student worker")]
+    return measured, [*in_step.rows("student worker", measured), *beside.rows("student worker")]
 
 
 def run() -> list[dict]:
@@ -68,19 +80,17 @@ def run() -> list[dict]:
         teacher.close()
         del teacher  # its clients go with the broker still there (broker_stream collects them)
         batches = read_batches(cfg)
-        logits = [np.zeros((b.size, 2), dtype=np.float32) + 0.1 for b in batches]
-        worker, ratio, (low, high), base, rows = interleaved(
-            lambda: in_memory_rate(cfg, batches, logits),
-            lambda r: worker_rate(cfg, f"aux-{r}", Beside(broker)),
-        )
+        rounds = [one_round(cfg, f"aux-{r}", batches, Beside(broker)) for r in range(ROUNDS)]
+        (median, rows), (low, high) = median_round(rounds)
     return [
         {
             "name": "student worker (aux)",
-            "value": worker,
+            "value": median.worker_rate,
             "unit": "examples/s",
-            "ratio": ratio,
-            "vs": f"same model distillation loop in memory (median of {ROUNDS} rounds: {low:.3f} to {high:.3f})",
+            "ratio": median.ratio,
+            "vs": f"same model distillation loop in memory, in alternating {SLICE_S} s slices "
+            f"(median of {ROUNDS} rounds: {low:.3f} to {high:.3f})",
         },
-        {"name": "student model in memory (aux)", "value": base, "unit": "examples/s"},
+        {"name": "student model in memory (aux)", "value": median.base_rate, "unit": "examples/s"},
         *rows,
     ]

@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,25 +83,94 @@ def read_batches(cfg: Config) -> list[ExampleBatch]:
     return out
 
 
-ROUNDS = 5
+ROUNDS = 3
+SLICE_S = 0.5
 
 
-def interleaved(base: Callable[[], float], worker: Callable[[int], tuple[float, list[dict]]], rounds: int = ROUNDS):
-    """Worker runs between runs of the in-memory baseline. Each round's ratio is the worker's
-    rate over the mean of the baseline runs on either side of it, so the machine's drift
-    within a run cancels; the median round is reported, with the range of the ratios.
+@dataclass
+class Round:
+    """One worker run timed side by side with the in-memory baseline: each side's examples and
+    seconds, summed over its slices."""
 
-    ``worker(round)`` returns (examples/s, rows of that round). Returns (median round's rate,
-    median ratio, (lowest, highest) ratio, mean baseline rate, median round's rows)."""
-    bases = [base()]
-    results = []
-    for r in range(rounds):
-        rate, rows = worker(r)
-        bases.append(base())
-        results.append((rate / ((bases[-2] + bases[-1]) / 2), rate, rows))
-    results.sort(key=lambda x: x[0])
-    ratio, rate, rows = results[len(results) // 2]
-    return rate, ratio, (results[0][0], results[-1][0]), sum(bases) / len(bases), rows
+    worker_examples: int = 0
+    worker_s: float = 0.0
+    base_examples: int = 0
+    base_s: float = 0.0
+
+    @property
+    def worker_rate(self) -> float:
+        return self.worker_examples / self.worker_s
+
+    @property
+    def base_rate(self) -> float:
+        return self.base_examples / self.base_s
+
+    @property
+    def ratio(self) -> float:
+        return self.worker_rate / self.base_rate
+
+
+def side_by_side(
+    worker: Worker,
+    trained: Callable[[], int],
+    base_step: Callable[[], int],
+    done: Callable[[], bool],
+    beside: Beside | None = None,
+    slice_s: float = SLICE_S,
+) -> Round:
+    """Run ``worker`` until ``done()``, alternating ``slice_s`` of its steps with ``slice_s`` of
+    the baseline's (``base_step()`` trains one batch in memory and returns its examples). The
+    machine's speed drifts by 10 to 20% within seconds on a shared host: whole runs taking
+    turns left that in the ratio, slices of half a second cancel it. ``trained()`` counts the
+    worker's examples. Its start-up (the group join, the first fetch) is left out: the slices
+    begin when its first poll returns records. Its Kafka client threads run on through the
+    baseline's slices (they hardly use a core: the ``beside`` row); a teacher's last
+    transaction of a slice commits during the next baseline slice, a millisecond of a 500 ms
+    slice. ``beside`` counts the worker's slices only."""
+    window = Window(None)
+    window.opens_at_first_records(worker)
+    while window.started is None and not done():
+        worker.step()
+    measured = Round()
+    side_started, examples_before = window.started or time.perf_counter(), 0
+    if beside is not None:
+        beside.start()
+    while not done():
+        worker.step()
+        now = time.perf_counter()
+        if now - side_started < slice_s and not done():
+            continue
+        if beside is not None:
+            beside.stop()
+        measured.worker_s += now - side_started
+        measured.worker_examples += trained() - examples_before
+        base_started = time.perf_counter()
+        while time.perf_counter() - base_started < slice_s:
+            measured.base_examples += base_step()
+        measured.base_s += time.perf_counter() - base_started
+        side_started, examples_before = time.perf_counter(), trained()
+        if beside is not None:
+            beside.start()
+    return measured
+
+
+def median_round(rounds: list[tuple[Round, list[dict]]]) -> tuple[tuple[Round, list[dict]], tuple[float, float]]:
+    """The round of the median ratio with its rows, and the lowest and highest ratio."""
+    ordered = sorted(rounds, key=lambda r: r[0].ratio)
+    return ordered[len(ordered) // 2], (ordered[0][0].ratio, ordered[-1][0].ratio)
+
+
+def cycle_steps(step: Callable[[int], int], count: int) -> Callable[[], int]:
+    """``step(i)`` for i = 0, 1, ... count - 1, then from 0 again: one baseline batch per call."""
+    position = 0
+
+    def next_step() -> int:
+        nonlocal position
+        examples = step(position)
+        position = (position + 1) % count
+        return examples
+
+    return next_step
 
 
 def timed_steps(step, done, beside: Beside | None = None, worker: Worker | None = None) -> float:
@@ -154,13 +224,18 @@ class Beside:
     def __init__(self, broker: EmbeddedBroker):
         assert broker.process is not None
         self.broker_pid = broker.process.pid
+        self.wall = self.thread = self.process = self.broker = 0.0
 
     def start(self) -> None:
         self._start = self._now()
 
     def stop(self) -> None:
-        end = self._now()
-        self.wall, self.thread, self.process, self.broker = (b - a for a, b in zip(self._start, end, strict=True))
+        """Adds the seconds since ``start``: a run counted in several pieces sums them."""
+        wall, thread, process, broker = (b - a for a, b in zip(self._start, self._now(), strict=True))
+        self.wall += wall
+        self.thread += thread
+        self.process += process
+        self.broker += broker
 
     def _now(self) -> tuple[float, float, float, float]:
         return time.perf_counter(), time.thread_time(), time.process_time(), cpu_seconds(self.broker_pid)
@@ -188,7 +263,7 @@ def cpu_seconds(pid: int) -> float:
 class InStep:
     """Wall seconds a worker spends inside the given methods of its objects (its model's
     learning step, the student's gate): wrapped on the instances, measured in the same
-    seconds as the worker's rate, so the machine's drift between two runs cancels out."""
+    seconds as the worker's rate, so the machine's drift cancels out."""
 
     def __init__(self, *methods: tuple[object, str]):
         self.seconds = 0.0
@@ -207,7 +282,12 @@ class InStep:
 
         return timed
 
-    def rows(self, worker: str, seconds: float) -> list[dict]:
+    def rows(self, worker: str, measured: Round) -> list[dict]:
+        """The worker's ratio to the baseline is the product of the first two rows' ratios: the
+        share of its seconds in the model loop, and that loop's speed in the worker over its
+        speed in memory (the same seconds, slice by slice)."""
+        seconds = measured.worker_s
+        loop_rate = measured.worker_examples / self.seconds if self.seconds else 0.0
         return [
             {
                 "name": f"{worker}: share of its time in the model loop",
@@ -215,6 +295,14 @@ class InStep:
                 "unit": "s",
                 "ratio": self.seconds / seconds,
                 "vs": f"its {seconds:.2f} s (the rest: consume, decode, join, publish, metrics)",
+            },
+            {
+                "name": f"{worker}: its model loop's speed",
+                "value": loop_rate,
+                "unit": "examples/s",
+                "ratio": loop_rate / measured.base_rate,
+                "vs": "the same loop in memory, in the slices between (below 1: the caches the worker's other "
+                "work left it, the GIL, a core)",
             },
             {
                 "name": f"{worker}: its thread's CPU in the model loop",
