@@ -1,9 +1,11 @@
 """The worker benches time a worker from its first records: the group join and the first fetch
-are start-up, not a cost of each batch."""
+are start-up, not a cost of each batch. The worker and its baseline take turns in slices."""
 
 import time
 
-from bench.workers import timed_steps
+import pytest
+
+from bench.workers import side_by_side, timed_steps
 
 
 class JoiningWorker:
@@ -45,3 +47,38 @@ def test_without_a_worker_the_window_opens_at_the_first_step_that_did_work():
     step, done = ten_steps_of_5_ms(worker)
     seconds = timed_steps(step, done)
     assert seconds >= 1.0  # that step's poll waited for the first records
+
+
+class SteppingWorker(JoiningWorker):
+    """A worker with a ``step``: a poll, then 2 ms of work per record; it logs its steps."""
+
+    def __init__(self, join_s: float, log: list[str]):
+        super().__init__(join_s)
+        self.log, self.trained = log, 0
+
+    def step(self) -> bool:
+        records = self.poll(1, 0.1)  # polls that wait during the join
+        time.sleep(0.002)
+        self.trained += len(records)
+        self.log.append("worker" if records else "joining")
+        return True
+
+
+def test_the_worker_and_its_baseline_take_turns_from_the_first_records():
+    log: list[str] = []
+    worker = SteppingWorker(join_s=0.5, log=log)
+
+    def base_step() -> int:  # twice the worker's speed: 1 ms an example
+        time.sleep(0.001)
+        log.append("base")
+        return 1
+
+    measured = side_by_side(worker, lambda: worker.trained, base_step, lambda: worker.trained >= 100, slice_s=0.05)
+    assert measured.worker_examples == 100
+    assert 0.2 <= measured.worker_s < 0.45  # its hundred steps, not the join's half second
+    first = log.index("worker")
+    assert first >= 3 and log[:first] == ["joining"] * first  # no baseline during the join
+    sides = [side for i, side in enumerate(log) if side != "joining" and (i == 0 or log[i - 1] != side)]
+    assert sides[:4] == ["worker", "base", "worker", "base"] and len(sides) >= 6  # slices, in turns
+    assert measured.base_s == pytest.approx(0.05 * sides.count("base"), rel=0.5)
+    assert 0.3 < measured.ratio < 0.75  # about 0.5: 2 ms against 1 ms an example
