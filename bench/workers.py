@@ -83,7 +83,7 @@ def read_batches(cfg: Config) -> list[ExampleBatch]:
     return out
 
 
-ROUNDS = 3
+ROUNDS = 5
 SLICE_S = 0.5
 
 
