@@ -5,34 +5,16 @@ scores and trains. The baseline runs the same model's forward, aux loss and step
 decoded batches with the same teacher logits. Both run torch on one thread, as the worker
 processes do. Target ratio at least 0.95.
 
-The machine is shared and its speed drifts within seconds, so the two take turns in slices of
-half a second (``bench.workers.side_by_side``): each round is a fresh student reading both
-topics from the start beside a fresh baseline model, and the median round's ratio is reported
-with the range.
-
-Three rows say where the rest goes: the share of the worker's own seconds spent in the model
-loop, that loop's speed in the worker over in memory (their product is the ratio), and the CPU
-that ran beside the worker's thread (the broker's and the Kafka client threads') with that
-thread's CPU over its wall time (below 1: the thread waited, on the broker or for a core)."""
+Each of the rounds is a fresh student reading both topics from the start, timed side by side with a fresh
+baseline model (``bench.workers.side_by_side``); ``InStep`` and ``Beside`` add the rows that say
+where the rest of the student's time goes."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from bench.workers import (
-    ROUNDS,
-    SLICE_S,
-    Beside,
-    InStep,
-    Round,
-    broker_stream,
-    cycle_steps,
-    median_round,
-    one_thread,
-    read_batches,
-    side_by_side,
-)
+from bench.workers import ROUNDS, Beside, InStep, Round, broker_stream, one_thread, read_batches, report, side_by_side
 from distill.core.config import Config
 from distill.core.wire import ExampleBatch
 from distill.learn.gate import TeacherGate
@@ -61,7 +43,8 @@ def one_round(cfg: Config, name: str, batches: list[ExampleBatch], beside: Besid
     measured = side_by_side(
         student,
         lambda: student.counts["examples_trained"],
-        cycle_steps(base_step, len(batches)),
+        base_step,
+        len(batches),
         lambda: student.counts["examples_trained"] >= EXAMPLES,
         beside,
     )
@@ -81,16 +64,4 @@ def run() -> list[dict]:
         del teacher  # its clients go with the broker still there (broker_stream collects them)
         batches = read_batches(cfg)
         rounds = [one_round(cfg, f"aux-{r}", batches, Beside(broker)) for r in range(ROUNDS)]
-        (median, rows), (low, high) = median_round(rounds)
-    return [
-        {
-            "name": "student worker (aux)",
-            "value": median.worker_rate,
-            "unit": "examples/s",
-            "ratio": median.ratio,
-            "vs": f"same model distillation loop in memory, in alternating {SLICE_S} s slices "
-            f"(median of {ROUNDS} rounds: {low:.3f} to {high:.3f})",
-        },
-        {"name": "student model in memory (aux)", "value": median.base_rate, "unit": "examples/s"},
-        *rows,
-    ]
+    return report(rounds, "student worker (aux)", "student model in memory (aux)", "same model distillation loop")

@@ -5,33 +5,15 @@ labels and commits a Kafka transaction per step; the baseline runs only ``Learne
 same decoded batches. Both run torch on one thread, as the worker processes do. The ratio is
 the share of the model's own speed the service keeps (target at least 0.95).
 
-The machine is shared and its speed drifts within seconds, so the two take turns in slices of
-half a second (``bench.workers.side_by_side``): each round is a fresh worker reading the stream
-from the start beside a fresh baseline model, and the median round's ratio is reported with
-the range.
-
-Three rows say where the rest goes: the share of the worker's own seconds spent in the model
-loop, that loop's speed in the worker over in memory (their product is the ratio), and the CPU
-that ran beside the worker's thread (the broker's and the Kafka client threads') with that
-thread's CPU over its wall time (below 1: the thread waited, on the broker or for a core)."""
+Each of the rounds is a fresh worker reading the stream from the start, timed side by side with a fresh
+baseline model (``bench.workers.side_by_side``); ``InStep`` and ``Beside`` add the rows that say
+where the rest of the teacher's time goes."""
 
 from __future__ import annotations
 
 import torch
 
-from bench.workers import (
-    ROUNDS,
-    SLICE_S,
-    Beside,
-    InStep,
-    Round,
-    broker_stream,
-    cycle_steps,
-    median_round,
-    one_thread,
-    read_batches,
-    side_by_side,
-)
+from bench.workers import ROUNDS, Beside, InStep, Round, broker_stream, one_thread, read_batches, report, side_by_side
 from distill.core.config import Config
 from distill.core.wire import ExampleBatch
 from distill.learn.step import Learner, Objective
@@ -53,7 +35,8 @@ def one_round(cfg: Config, batches: list[ExampleBatch], beside: Beside) -> tuple
     measured = side_by_side(
         teacher,
         lambda: teacher.examples_trained,
-        cycle_steps(base_step, len(batches)),
+        base_step,
+        len(batches),
         lambda: teacher.examples_trained >= EXAMPLES,
         beside,
     )
@@ -69,16 +52,4 @@ def run() -> list[dict]:
             name = f"teacher-{r}"  # its own name and group: reads the stream from the start
             teacher = cfg.teacher.model_copy(update={"name": name, "group_id": name})
             rounds.append(one_round(cfg.model_copy(update={"teacher": teacher}), batches, Beside(broker)))
-        (median, rows), (low, high) = median_round(rounds)
-    return [
-        {
-            "name": "teacher worker",
-            "value": median.worker_rate,
-            "unit": "examples/s",
-            "ratio": median.ratio,
-            "vs": f"same model predict+train in memory, in alternating {SLICE_S} s slices "
-            f"(median of {ROUNDS} rounds: {low:.3f} to {high:.3f})",
-        },
-        {"name": "teacher model in memory", "value": median.base_rate, "unit": "examples/s"},
-        *rows,
-    ]
+    return report(rounds, "teacher worker", "teacher model in memory", "same model predict+train")

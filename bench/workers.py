@@ -113,25 +113,26 @@ class Round:
 def side_by_side(
     worker: Worker,
     trained: Callable[[], int],
-    base_step: Callable[[], int],
+    base_step: Callable[[int], int],
+    batches: int,
     done: Callable[[], bool],
     beside: Beside | None = None,
     slice_s: float = SLICE_S,
 ) -> Round:
     """Run ``worker`` until ``done()``, alternating ``slice_s`` of its steps with ``slice_s`` of
-    the baseline's (``base_step()`` trains one batch in memory and returns its examples). The
-    machine's speed drifts by 10 to 20% within seconds on a shared host: whole runs taking
-    turns left that in the ratio, slices of half a second cancel it. ``trained()`` counts the
-    worker's examples. Its start-up (the group join, the first fetch) is left out: the slices
-    begin when its first poll returns records. Its Kafka client threads run on through the
-    baseline's slices (they hardly use a core: the ``beside`` row); a teacher's last
-    transaction of a slice commits during the next baseline slice, a millisecond of a 500 ms
-    slice. ``beside`` counts the worker's slices only."""
+    the baseline's: ``base_step(i)`` trains batch i of ``batches`` in memory (in turn, then from
+    the first again) and returns its examples. The machine's speed drifts by 10 to 20% within
+    seconds on a shared host: whole runs taking turns left that in the ratio, slices of half a
+    second cancel it. ``trained()`` counts the worker's examples. Its start-up (the group join,
+    the first fetch) is left out: the slices begin when its first poll returns records. Its
+    Kafka client threads run on through the baseline's slices (they hardly use a core: the
+    ``beside`` row); a teacher's last transaction of a slice commits during the next baseline
+    slice, a millisecond of a 500 ms slice. ``beside`` counts the worker's slices only."""
     window = Window(None)
     window.opens_at_first_records(worker)
     while window.started is None and not done():
         worker.step()
-    measured = Round()
+    measured, position = Round(), 0
     side_started, examples_before = window.started or time.perf_counter(), 0
     if beside is not None:
         beside.start()
@@ -146,7 +147,8 @@ def side_by_side(
         measured.worker_examples += trained() - examples_before
         base_started = time.perf_counter()
         while time.perf_counter() - base_started < slice_s:
-            measured.base_examples += base_step()
+            measured.base_examples += base_step(position)
+            position = (position + 1) % batches
         measured.base_s += time.perf_counter() - base_started
         side_started, examples_before = time.perf_counter(), trained()
         if beside is not None:
@@ -154,23 +156,24 @@ def side_by_side(
     return measured
 
 
-def median_round(rounds: list[tuple[Round, list[dict]]]) -> tuple[tuple[Round, list[dict]], tuple[float, float]]:
-    """The round of the median ratio with its rows, and the lowest and highest ratio."""
+def report(rounds: list[tuple[Round, list[dict]]], worker: str, model: str, loop: str) -> list[dict]:
+    """The rows of the median round (by ratio): the worker's rate against ``loop`` in memory,
+    the baseline's rate as ``model``, then that round's own rows; the range of the ratios."""
     ordered = sorted(rounds, key=lambda r: r[0].ratio)
-    return ordered[len(ordered) // 2], (ordered[0][0].ratio, ordered[-1][0].ratio)
-
-
-def cycle_steps(step: Callable[[int], int], count: int) -> Callable[[], int]:
-    """``step(i)`` for i = 0, 1, ... count - 1, then from 0 again: one baseline batch per call."""
-    position = 0
-
-    def next_step() -> int:
-        nonlocal position
-        examples = step(position)
-        position = (position + 1) % count
-        return examples
-
-    return next_step
+    median, rows = ordered[len(ordered) // 2]
+    low, high = ordered[0][0].ratio, ordered[-1][0].ratio
+    return [
+        {
+            "name": worker,
+            "value": median.worker_rate,
+            "unit": "examples/s",
+            "ratio": median.ratio,
+            "vs": f"{loop} in memory, in alternating {SLICE_S} s slices "
+            f"(median of {len(rounds)} rounds: {low:.3f} to {high:.3f})",
+        },
+        {"name": model, "value": median.base_rate, "unit": "examples/s"},
+        *rows,
+    ]
 
 
 def timed_steps(step, done, beside: Beside | None = None, worker: Worker | None = None) -> float:

@@ -68,12 +68,19 @@ def test_the_worker_and_its_baseline_take_turns_from_the_first_records():
     log: list[str] = []
     worker = SteppingWorker(join_s=0.5, log=log)
 
-    def base_step() -> int:  # twice the worker's speed: 1 ms an example
+    batches: list[int] = []
+
+    def base_step(i: int) -> int:  # twice the worker's speed: 1 ms an example
         time.sleep(0.001)
         log.append("base")
+        batches.append(i)
         return 1
 
-    measured = side_by_side(worker, lambda: worker.trained, base_step, lambda: worker.trained >= 100, slice_s=0.05)
+    def done() -> bool:
+        return worker.trained >= 100
+
+    measured = side_by_side(worker, lambda: worker.trained, base_step, 3, done, slice_s=0.05)
+    assert batches == [i % 3 for i in range(len(batches))]  # the baseline's batches in turn, again and again
     assert measured.worker_examples == 100
     assert 0.2 <= measured.worker_s < 0.45  # its hundred steps, not the join's half second
     first = log.index("worker")
