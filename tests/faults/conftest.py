@@ -21,6 +21,9 @@ from distill.local.broker import free_port
 from tests.integration.workers import spawn, stop
 
 FORGED = b"forged"  # key prefix of label messages a test injects
+# Prometheus's default scrape_timeout: on 2 cores shared with three brokers and the other
+# workers, a worker's HTTP thread has answered /metrics later than 2 s (the GIL, a core)
+SCRAPE_TIMEOUT_S = 10.0
 FAST_STUDENT = {"label_wait_s": 1.0, "checkpoint": {"every_batches": 5, "every_seconds": 1.0}}
 
 
@@ -37,7 +40,7 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     """Every sample of /metrics: {(name, sorted label items): value}."""
-    code, body = http_get(port, "/metrics")
+    code, body = http_get(port, "/metrics", SCRAPE_TIMEOUT_S)
     assert code == 200, f"/metrics on port {port} answered {code}: {body[:300]}"
     out = {}
     for family in text_string_to_metric_families(body):
