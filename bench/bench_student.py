@@ -5,9 +5,9 @@ scores and trains. The baseline runs the same model's forward, aux loss and step
 decoded batches with the same teacher logits. Both run torch on one thread, as the worker
 processes do. Target ratio at least 0.95.
 
-Each of the rounds is a fresh student reading both topics from the start, timed side by side with a fresh
-baseline model (``bench.workers.side_by_side``); ``InStep`` and ``Beside`` add the rows that say
-where the rest of the student's time goes."""
+Each of the rounds is a fresh student reading both topics from the start, timed side by side
+with a fresh baseline model (``bench.workers.side_by_side``); ``InStep`` and ``Beside`` add the
+rows that say where the rest of the student's time goes."""
 
 from __future__ import annotations
 

@@ -5,9 +5,9 @@ labels and commits a Kafka transaction per step; the baseline runs only ``Learne
 same decoded batches. Both run torch on one thread, as the worker processes do. The ratio is
 the share of the model's own speed the service keeps (target at least 0.95).
 
-Each of the rounds is a fresh worker reading the stream from the start, timed side by side with a fresh
-baseline model (``bench.workers.side_by_side``); ``InStep`` and ``Beside`` add the rows that say
-where the rest of the teacher's time goes."""
+Each of the rounds is a fresh worker reading the stream from the start, timed side by side with
+a fresh baseline model (``bench.workers.side_by_side``); ``InStep`` and ``Beside`` add the rows
+that say where the rest of the teacher's time goes."""
 
 from __future__ import annotations
 
