@@ -30,6 +30,7 @@ def one_round(cfg: Config, name: str, batches: list[ExampleBatch], beside: Besid
     learner = Learner.build(cfg, sc.model, Objective.student(cfg, sc), torch.device("cpu"))
     gate = TeacherGate.of(sc, learner.objective.distilled, [t.type for t in cfg.tasks])
     logits = [np.zeros((b.size, 2), dtype=np.float32) + 0.1 for b in batches]
+    InStep((learner, "tensors"), (learner, "step"), (gate, "update"))  # as in the worker: the timing costs both sides
 
     def base_step(i: int) -> int:
         b, t = batches[i], logits[i]

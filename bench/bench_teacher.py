@@ -24,6 +24,7 @@ EXAMPLES = 120_000
 
 def one_round(cfg: Config, batches: list[ExampleBatch], beside: Beside) -> tuple[Round, list[dict]]:
     learner = Learner.build(cfg, cfg.teacher.model, Objective.teacher(cfg), torch.device("cpu"))
+    InStep((learner, "tensors"), (learner, "step"))  # as in the worker: the timing costs both sides
 
     def base_step(i: int) -> int:
         learner.step(learner.tensors(batches[i]))

@@ -266,7 +266,9 @@ def cpu_seconds(pid: int) -> float:
 class InStep:
     """Wall seconds a worker spends inside the given methods of its objects (its model's
     learning step, the student's gate): wrapped on the instances, measured in the same
-    seconds as the worker's rate, so the machine's drift cancels out."""
+    seconds as the worker's rate, so the machine's drift cancels out. The benches wrap the
+    baseline's methods too, so that the timing's own cost (a few microseconds a call) is paid
+    on both sides of the ratio."""
 
     def __init__(self, *methods: tuple[object, str]):
         self.seconds = 0.0

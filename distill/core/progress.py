@@ -88,7 +88,7 @@ class ProgressLog:
         self.max_bytes, self.keep = max_bytes, keep
         self.every_s = every_s
         # also by stream position, so that a fast worker's curve still has points, but at most
-        # every min_interval_s: a line's snapshot (exact windowed AUCs) costs milliseconds, which a
+        # every min_interval_s: a line's snapshot costs a millisecond or more, which a
         # worker at 200k examples/s would otherwise pay 40 times a second
         self.every_examples = every_examples
         self.min_interval_s = min_interval_s

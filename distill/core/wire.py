@@ -113,7 +113,8 @@ class CheckpointAnnouncement:
 
 def ids_checksum(example_ids: np.ndarray) -> int:
     """Sum of the ids modulo 2**63: cheap, order-free, catches a label joined to the wrong batch."""
-    return int(example_ids.astype(np.uint64).sum(dtype=np.uint64)) & (2**63 - 1)
+    ids = np.asarray(example_ids, dtype=np.int64)
+    return int(ids.view(np.uint64).sum(dtype=np.uint64)) & (2**63 - 1)
 
 
 def _pack(arr: np.ndarray, dtype: np.dtype) -> bytes:
@@ -160,6 +161,9 @@ class Codec:
         self._dead = schemas.latest("dead_letter")
         self._announcements = schemas.latest("checkpoint_announcement")
         self._known = schemas.by_fingerprint()
+        # looked up per message: the header's hex as it arrives, and the reader of each kind
+        self._by_header = {fp.hex().encode(): schema for fp, schema in self._known.items()}
+        self._readers = {s.kind: s for s in (self._examples, self._labels, self._dead, self._announcements)}
 
     # -- generic -----------------------------------------------------------------------------
     @staticmethod
@@ -178,16 +182,12 @@ class Codec:
         fp_raw = next((v for k, v in (headers or []) if k == SCHEMA_HEADER), None)
         if fp_raw is None:
             raise DecodeError("missing_schema", f"no {SCHEMA_HEADER!r} header; was it written by this codec?")
-        try:
-            writer = self._known[bytes.fromhex(fp_raw.decode())]
-        except (ValueError, UnicodeDecodeError, KeyError):
-            raise DecodeError(
-                "unknown_schema",
-                f"schema fingerprint {fp_raw[:32]!r} is not in schemas/; upgrade this worker to one that ships it",
-            ) from None
+        writer = self._by_header.get(fp_raw)
+        if writer is None:
+            writer = self._writer(fp_raw)
         if writer.kind != kind:
             raise DecodeError("wrong_kind", f"expected a {kind} message, got {writer.kind}")
-        reader = schemas.latest(kind)
+        reader = self._readers[kind]
         buf = io.BytesIO(value)
         try:
             record = fastavro.schemaless_reader(buf, writer.parsed, None if writer is reader else reader.parsed)
@@ -196,6 +196,16 @@ class Codec:
         if buf.tell() != len(value):
             raise DecodeError("undecodable", f"{len(value) - buf.tell()} trailing bytes after the {kind} record")
         return record
+
+    def _writer(self, fp_raw: bytes) -> schemas.Schema:
+        """The writer's schema of a header that is not the exact lower-case hex of a known one."""
+        try:
+            return self._known[bytes.fromhex(fp_raw.decode())]
+        except (ValueError, UnicodeDecodeError, KeyError):
+            raise DecodeError(
+                "unknown_schema",
+                f"schema fingerprint {fp_raw[:32]!r} is not in schemas/; upgrade this worker to one that ships it",
+            ) from None
 
     # -- examples ----------------------------------------------------------------------------
     def encode_examples(self, b: ExampleBatch) -> tuple[bytes, Headers]:

@@ -3,6 +3,13 @@
 Per task and head: AUC and log loss (binary), RMSE (regression) and calibration (mean
 prediction / mean label), both cumulative (over the whole stream) and windowed (the last
 ``window`` examples). Updates are per batch and vectorised.
+
+Both AUCs come from histograms of the predicted probability in 4096 bins, ties within a bin
+counting one half. On a window of 20,000 examples that is within 1e-4 of the exact AUC when the
+predictions fill a few hundred bins (a 3% click rate) and within 1e-3 when they crowd into about
+a hundred (a 1% click rate, a narrow spread), while the window's own sampling error is 0.01 to
+0.02 there. It costs a bincount (about 70 us) where the exact AUC's two sorts cost about 1 ms,
+paid for every binary head at every progress line.
 """
 
 from __future__ import annotations
@@ -28,19 +35,14 @@ def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(((pos * (neg_below + 0.5 * neg)).sum()) / (n_pos * n_neg))
 
 
-def auc_exact(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mann-Whitney AUC, a tie between a positive and a negative counting one half: the
-    negatives below each positive and the ties with it, by binary search of the sorted negatives
-    for the sorted positives. Two sorts (np.sort, vectorised) and in-order searches cost about
-    two thirds of one argsort and its rank arithmetic, and the windowed AUC is computed at every
-    progress line."""
-    positive = labels > 0.5
-    pos, neg = np.sort(scores[positive]), np.sort(scores[~positive])
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    below = np.searchsorted(neg, pos, "left")
-    ties = np.searchsorted(neg, pos, "right") - below
-    return float((below.sum() + 0.5 * ties.sum()) / (len(pos) * len(neg)))
+def _bins(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Each example's histogram bin of its predicted probability, + _BINS when its label is
+    positive: the negatives' and the positives' histograms come from one bincount."""
+    scaled = pred * _BINS
+    if not np.isfinite(scaled).all():  # a model gone NaN: its log loss says so, binning must not crash
+        scaled = np.nan_to_num(scaled, nan=0.0)
+    bins = np.minimum(scaled, _BINS - 1).astype(np.int16)
+    return bins + np.int16(_BINS) * (label > 0.5)
 
 
 def example_losses(kind: TaskType, pred: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -67,6 +69,7 @@ class TaskMetrics:
         self._ring_pred = np.zeros(window, dtype=np.float64)
         self._ring_label = np.zeros(window, dtype=np.float64)
         self._ring_loss = np.zeros(window, dtype=np.float64)  # each example's, as summed above
+        self._ring_bin = np.zeros(window, dtype=np.int16)  # binary: its bin, + _BINS when positive
         self._ring_n = 0
         self._ring_at = 0
 
@@ -77,30 +80,29 @@ class TaskMetrics:
             return
         if self.kind == "binary":
             pred = _sigmoid(output)
-            scaled = pred * _BINS
-            if not np.isfinite(scaled).all():  # a model gone NaN: its log loss says so, binning must not crash
-                scaled = np.nan_to_num(scaled, nan=0.0)
-            bins = np.minimum(scaled.astype(np.int64), _BINS - 1)
             # one pass: the negatives' bins first, then the positives' (two bincounts of masked
             # copies took three times as long)
-            counts = np.bincount(bins + _BINS * (label > 0.5), minlength=2 * _BINS)
+            bins = _bins(pred, label)
+            counts = np.bincount(bins, minlength=2 * _BINS)
             self.neg += counts[:_BINS]
             self.pos += counts[_BINS:]
         else:
             pred = output
+            bins = np.zeros(len(output), dtype=np.int16)
         loss = example_losses(self.kind, pred, label)
         self.sum_loss += float(loss.sum())
         self.count += output.size
         self.sum_pred += float(pred.sum())
         self.sum_label += float(label.sum())
-        self._push(pred, label, loss)
+        self._push(pred, label, loss, bins)
 
     def _push(self, *columns: np.ndarray) -> None:
-        """The batch's predictions, labels and losses into the rings of the last ``window``."""
+        """The batch's predictions, labels, losses and bins into the rings of the last ``window``."""
         n = min(len(columns[0]), self.window)
         end = self._ring_at + n
         split = min(end, self.window) - self._ring_at
-        for ring, column in zip((self._ring_pred, self._ring_label, self._ring_loss), columns, strict=True):
+        rings = (self._ring_pred, self._ring_label, self._ring_loss, self._ring_bin)
+        for ring, column in zip(rings, columns, strict=True):
             column = column[-n:]
             ring[self._ring_at : self._ring_at + split] = column[:split]
             ring[: n - split] = column[split:]
@@ -128,7 +130,10 @@ class TaskMetrics:
     def windowed(self) -> dict[str, float]:
         n = self._ring_n
         pred, label = self._ring_pred[:n], self._ring_label[:n]
-        auc = auc_exact(pred, label) if self.kind == "binary" else None
+        auc = None
+        if self.kind == "binary":
+            counts = np.bincount(self._ring_bin[:n], minlength=2 * _BINS)
+            auc = auc_from_histograms(counts[_BINS:], counts[:_BINS])
         return self._summary(n, float(self._ring_loss[:n].sum()), float(pred.sum()), float(label.sum()), auc)
 
     def state_dict(self) -> dict:
@@ -138,6 +143,9 @@ class TaskMetrics:
         vars(self).update(state)
         if "_ring_loss" not in state:  # a checkpoint from before the ring of losses
             self._ring_loss = example_losses(self.kind, self._ring_pred, self._ring_label)
+        if "_ring_bin" not in state:  # a checkpoint from before the ring of bins
+            binary = self.kind == "binary"
+            self._ring_bin = _bins(self._ring_pred, self._ring_label) if binary else np.zeros(self.window, np.int16)
 
 
 class ProgressiveEvaluator:

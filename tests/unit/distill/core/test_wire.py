@@ -202,6 +202,13 @@ def test_garbled_fingerprint(codec, make_batch, header):
     assert err.value.reason == "unknown_schema"
 
 
+def test_a_fingerprint_in_upper_case_hex_is_still_known(codec, make_batch):
+    value, headers = codec.encode_examples(make_batch(n=3))
+    upper = [(k, v.upper()) for k, v in headers]
+    assert upper != headers
+    assert codec.decode_examples(value, upper).example_ids.tolist() == make_batch(n=3).example_ids.tolist()
+
+
 @pytest.mark.parametrize("headers", [None, [], [("other", b"x")], [(SCHEMA_HEADER, None)]])
 def test_missing_schema_header(codec, make_batch, headers):
     value, _ = codec.encode_examples(make_batch(n=3))
