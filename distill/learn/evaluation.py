@@ -101,7 +101,7 @@ class TaskMetrics:
         n = min(len(columns[0]), self.window)
         end = self._ring_at + n
         split = min(end, self.window) - self._ring_at
-        rings = (self._ring_pred, self._ring_label, self._ring_loss, self._ring_bin)
+        rings: tuple[np.ndarray, ...] = (self._ring_pred, self._ring_label, self._ring_loss, self._ring_bin)
         for ring, column in zip(rings, columns, strict=True):
             column = column[-n:]
             ring[self._ring_at : self._ring_at + split] = column[:split]
