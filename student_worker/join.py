@@ -20,14 +20,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from distill.core.wire import ExampleBatch, LabelBatch, ids_checksum
+from distill.core.wire import ExampleBatch, LabelBatch
 
 _RECENT = 4096  # trained batch ids remembered per partition, to tell late from duplicate
 
 
 def label_matches(label: LabelBatch, batch: ExampleBatch) -> bool:
     """Same size and the same example ids (by checksum): the label belongs to this batch."""
-    return label.size == batch.size and label.example_ids_checksum == ids_checksum(batch.example_ids)
+    return label.size == batch.size and label.example_ids_checksum == batch.example_ids_checksum
 
 
 @dataclass

@@ -28,7 +28,6 @@ from distill.core.exceptions import DecodeError
 from distill.core.kafka import check_partitions, partitions_at, wait_for_broker
 from distill.core.layout import check_layout
 from distill.core.service import Service
-from distill.core.wire import ids_checksum
 from distill.core.worker import Worker, run_worker
 from distill.learn.evaluation import ProgressiveEvaluator
 from distill.learn.export import ServingGraphs, export_serving_model
@@ -328,7 +327,7 @@ class StudentWorker(Worker):
     def _label_matches(self, r: Ready) -> bool:
         assert r.label is not None
         label, batch = r.label.batch, r.examples.batch
-        if label.size == batch.size and label.example_ids_checksum == ids_checksum(batch.example_ids):
+        if label.size == batch.size and label.example_ids_checksum == batch.example_ids_checksum:
             return True
         if r.label.message is not None:
             self.dead_letters.send(

@@ -44,6 +44,13 @@ class ExampleBatch:
     task_names: list[str]
     labels: np.ndarray  # float32[n, t]
     truth: np.ndarray | None = None  # float32[n, t], evaluation only
+    # Summed once, as the batch is decoded with the others of its poll: a worker that labels or
+    # checks it later does so between two training steps, where numpy's calls run with the
+    # caches the step evicted (70 us for this sum, against 5 us warm).
+    example_ids_checksum: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.example_ids_checksum = ids_checksum(self.example_ids)
 
     @property
     def size(self) -> int:
@@ -80,7 +87,7 @@ class LabelBatch:
         """The label of ``batch``, read from ``message`` (its partition and offset)."""
         return cls(
             batch_id=batch.batch_id,
-            example_ids_checksum=ids_checksum(batch.example_ids),
+            example_ids_checksum=batch.example_ids_checksum,
             source_partition=message.partition(),
             source_offset=message.offset(),
             teacher_version=version,

@@ -78,6 +78,8 @@ def test_examples_round_trip(codec, make_batch, n, truth):
     decoded = codec.decode_examples(value, headers)
     assert decoded.size == n
     assert_batches_equal(batch, decoded)
+    # summed as it is decoded, for the label that names it (the sum of its ids modulo 2**63)
+    assert decoded.example_ids_checksum == ids_checksum(batch.example_ids) == int(batch.example_ids.sum()) % 2**63
 
 
 def test_decoded_columns_are_zero_copy_views(codec, make_batch):
