@@ -309,7 +309,7 @@ class StudentWorker(Worker):
             return
         if outcome is not None and not replay:  # a replay after restart was counted before
             self.counts[outcome] += 1
-            m.STUDENT_JOIN.labels(self.name, outcome).inc()
+            self._metric(m.STUDENT_JOIN, outcome).inc()
 
     def _train_ready(self, ready: list[Ready]) -> int:
         """Train on ready batches in offset order, one optimizer step per example batch; the
@@ -428,7 +428,7 @@ class StudentWorker(Worker):
     def snapshot(self) -> dict:
         snap = self.evaluator.snapshot()
         for task, head, metric, window, value in self.evaluator.values(snap):
-            m.STUDENT_METRIC.labels(self.name, task, head, metric, window).set(value)
+            self._metric(m.STUDENT_METRIC, task, head, metric, window).set(value)
         return {
             "role": self.role,
             "name": self.name,

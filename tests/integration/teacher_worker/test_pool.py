@@ -372,10 +372,13 @@ def _label_backlog(make_config, max_transaction_seconds: float) -> tuple[int, in
     trainer.start()
     trainer.close()
     labeler = Labeler(config)
+    # the process's counter: earlier tests' workers of the same name counted into it too
+    committed = m.TEACHER_TRANSACTIONS.labels(labeler.name, "commit")
+    before = committed._value.get()
     labeler.start()
     try:
         run_until(lambda: labeler.examples_labeled >= produced["examples"], [labeler.step], timeout=60)
-        commits = m.TEACHER_TRANSACTIONS.labels(labeler.name, "commit")._value.get()
+        commits = committed._value.get() - before
     finally:
         labeler.close()
     labels = sorted(lb.batch_id for _, _, lb in read_labels(config))
