@@ -391,8 +391,9 @@ def test_a_labelers_transaction_takes_in_what_the_consumer_holds_until_its_time_
     commit took 15% of a labeler's time at one per poll. With no time each poll commits alone."""
     batches, labelled, grouped = _label_backlog(make_config, 30.0)
     assert labelled == batches >= 48
-    _, _, per_poll = _label_backlog(make_config, 1e-9)
-    assert per_poll >= batches / 4, f"{per_poll} commits for {batches} batches read 4 at a time"
+    # a stream of its own: the producer's 5 ms linger flushes part-full batches, so the count varies
+    polled, _, per_poll = _label_backlog(make_config, 1e-9)
+    assert per_poll >= polled / 4, f"{per_poll} commits for {polled} batches read 4 at a time"
     # more than one poll's 4 batches per transaction on average
     assert grouped < batches / 4, f"{grouped} commits for {batches} batches with 30 s to fill a transaction"
 
